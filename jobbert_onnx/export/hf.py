@@ -1,0 +1,50 @@
+"""Loading from transformers without its chatter."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from jobbert_onnx.export.source import ModelSpec
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' load report and progress bars (the unused pooler weights are expected)."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_encoder(spec: ModelSpec, attention: str | None = None) -> Any:
+    """The source's XLM-R encoder as a transformers model in eval mode.
+
+    Args:
+        spec: The source model.
+        attention: transformers' ``attn_implementation``; None keeps its default,
+            as sentence-transformers does.
+    """
+    from transformers import XLMRobertaModel
+
+    kwargs: dict[str, Any] = {"attn_implementation": attention} if attention else {}
+    with quiet_transformers():
+        model = XLMRobertaModel.from_pretrained(str(spec.folder), add_pooling_layer=False, **kwargs)
+    return model.eval()
+
+
+def load_tokenizer(spec: ModelSpec) -> Any:
+    """transformers' tokenizer for the source folder, as sentence-transformers loads it."""
+    from transformers import AutoTokenizer
+
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(str(spec.folder))

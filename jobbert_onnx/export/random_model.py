@@ -1,0 +1,175 @@
+"""Build JobBERT-v3-shaped models with random weights, in either on-disk layout.
+
+The real weights cannot be downloaded offline. These models have the exact
+architecture (full size: XLM-R base, 12 layers, hidden 768, vocab 250,002, two
+Dense(768 -> 1024) + Tanh heads) or a tiny one for fast tests, the same files,
+folder names and configuration keys as the hub repository, and the stand-in
+tokenizer from `toy_tokenizer`. Their vectors carry no meaning: use them to
+test wiring, parity and speed, never accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+LAYOUTS = ("router", "legacy-asym")
+SIZES = ("tiny", "full")
+_DENSE_TYPE = {
+    "router": "sentence_transformers.models.Dense.Dense",
+    "legacy-asym": "sentence_transformers.models.Dense",
+}
+# Folder names of the two heads as the hub repository has them.
+_HEAD_FOLDERS = {
+    "router": {"anchor": "anchor_0_Dense", "positive": "positive_0_Dense"},
+    "legacy-asym": {"anchor": "6235903824_Dense", "positive": "6235904160_Dense"},
+}
+_ENCODER: dict[str, dict[str, Any]] = {
+    "full": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64},
+}
+OUTPUT_DIM = 1024
+MAX_SEQ_LENGTH = 64
+
+_SPECIAL = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+_TOKENIZER_CONFIG: dict[str, Any] = {
+    "added_tokens_decoder": {
+        "0": {"content": "<s>", **_SPECIAL},
+        "1": {"content": "<pad>", **_SPECIAL},
+        "2": {"content": "</s>", **_SPECIAL},
+        "3": {"content": "<unk>", **_SPECIAL},
+        "250001": {"content": "<mask>", **_SPECIAL, "lstrip": True},
+    },
+    "bos_token": "<s>",
+    "clean_up_tokenization_spaces": False,
+    "cls_token": "<s>",
+    "eos_token": "</s>",
+    "extra_special_tokens": {},
+    "mask_token": "<mask>",
+    "max_length": 128,
+    "model_max_length": MAX_SEQ_LENGTH,
+    "pad_to_multiple_of": None,
+    "pad_token": "<pad>",
+    "pad_token_type_id": 0,
+    "padding_side": "right",
+    "sep_token": "</s>",
+    "stride": 0,
+    "tokenizer_class": "XLMRobertaTokenizerFast",
+    "truncation_side": "right",
+    "truncation_strategy": "longest_first",
+    "unk_token": "<unk>",
+}
+_POOLING = {
+    "word_embedding_dimension": None,
+    "pooling_mode_cls_token": False,
+    "pooling_mode_mean_tokens": True,
+    "pooling_mode_max_tokens": False,
+    "pooling_mode_mean_sqrt_len_tokens": False,
+    "pooling_mode_weightedmean_tokens": False,
+    "pooling_mode_lasttoken": False,
+    "include_prompt": True,
+}
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "router", seed: int = 0) -> Path:
+    """Write a random-weight JobBERT-v3-shaped sentence-transformers folder.
+
+    Args:
+        folder: Where to write; created if needed.
+        size: ``"full"`` for the real architecture, ``"tiny"`` for fast tests.
+        layout: ``"router"`` (current hub revision, ``2_Router``) or
+            ``"legacy-asym"`` (sentence-transformers 4.x, ``2_Asym``).
+        seed: Seed for the weights; the same seed gives the same model.
+
+    Returns:
+        The folder.
+    """
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    import torch
+    from safetensors.torch import save_file
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from jobbert_onnx.export.toy_tokenizer import XLMR_VOCAB_SIZE, build_xlmr_like_tokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=XLMR_VOCAB_SIZE,
+        max_position_embeddings=514,
+        type_vocab_size=1,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_act="gelu",
+        initializer_range=0.02,
+        architectures=["XLMRobertaModel"],
+        **_ENCODER[size],
+    )
+    XLMRobertaModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    hidden = config.hidden_size
+
+    tokenizer = build_xlmr_like_tokenizer()
+    tokenizer.save(str(folder / "tokenizer.json"))
+    _write_json(folder / "tokenizer_config.json", _TOKENIZER_CONFIG)
+    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False})
+    _write_json(folder / "1_Pooling" / "config.json", {**_POOLING, "word_embedding_dimension": hidden})
+
+    module_folder = "2_Router" if layout == "router" else "2_Asym"
+    heads = _HEAD_FOLDERS[layout]
+    for name in heads.values():
+        linear = torch.nn.Linear(hidden, OUTPUT_DIM)
+        head_folder = folder / module_folder / name
+        _write_json(
+            head_folder / "config.json",
+            {
+                "in_features": hidden,
+                "out_features": OUTPUT_DIM,
+                "bias": True,
+                "activation_function": "torch.nn.modules.activation.Tanh",
+            },
+        )
+        state = {"linear.weight": linear.weight.detach().contiguous(), "linear.bias": linear.bias.detach().contiguous()}
+        save_file(state, str(head_folder / "model.safetensors"))
+    router = {
+        "types": {name: _DENSE_TYPE[layout] for name in heads.values()},
+        "structure": {route: [name] for route, name in heads.items()},
+        "parameters": {"default_route": "anchor", "allow_empty_key": True}
+        if layout == "router"
+        else {"allow_empty_key": True},
+    }
+    if layout == "router":
+        _write_json(folder / module_folder / "router_config.json", router)
+        _write_json(
+            folder / "config_sentence_transformers.json",
+            {
+                "__version__": {"sentence_transformers": "5.1.0", "transformers": "4.56.1", "pytorch": "2.8.0"},
+                "prompts": {"query": "", "document": ""},
+                "default_prompt_name": None,
+                "similarity_fn_name": "cosine",
+                "model_type": "SentenceTransformer",
+            },
+        )
+        router_type = "sentence_transformers.models.Router"
+    else:
+        _write_json(folder / module_folder / "config.json", router)
+        router_type = "sentence_transformers.models.Asym"
+    _write_json(
+        folder / "modules.json",
+        [
+            {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+            {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+            {"idx": 2, "name": "2", "path": module_folder, "type": router_type},
+        ],
+    )
+    return folder

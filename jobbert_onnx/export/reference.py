@@ -1,0 +1,56 @@
+"""The PyTorch reference the export is checked against.
+
+transformers' own XLM-R model and fast tokenizer, loaded from the source folder
+as sentence-transformers loads them, then mean pooling and the Dense + Tanh
+heads, all in fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jobbert_onnx.export.hf import load_encoder, load_tokenizer
+from jobbert_onnx.export.source import ModelSpec
+
+
+class TorchReference:
+    """sentence-transformers' computation for JobBERT-v3, without sentence-transformers."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        import torch
+        from safetensors.torch import load_file
+
+        self._torch = torch
+        self.spec = spec
+        self.model = load_encoder(spec)
+        self.tokenizer = load_tokenizer(spec)
+        self.heads = {}
+        for route, head in spec.heads.items():
+            state = load_file(str(head.weights))
+            self.heads[route] = (state["linear.weight"].float(), state["linear.bias"].float())
+
+    def token_ids(self, texts: list[str]) -> list[list[int]]:
+        """Ids as sentence-transformers feeds them: truncated to max_seq_length, unpadded."""
+        encoded = self.tokenizer(texts, truncation="longest_first", max_length=self.spec.max_seq_length)
+        return [list(ids) for ids in encoded["input_ids"]]
+
+    def encode(self, texts: list[str], route: str, batch_size: int = 16) -> np.ndarray:
+        """float32 vectors [n, dim] for one head."""
+        torch = self._torch
+        weight, bias = self.heads[route]
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(texts), batch_size):
+                chunk = texts[start : start + batch_size]
+                enc = self.tokenizer(
+                    chunk,
+                    padding=True,
+                    truncation="longest_first",
+                    max_length=self.spec.max_seq_length,
+                    return_tensors="pt",
+                )
+                hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(torch.tanh(pooled @ weight.T + bias).numpy())
+        return np.concatenate(out).astype(np.float32)

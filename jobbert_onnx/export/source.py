@@ -1,0 +1,251 @@
+"""Find a JobBERT-v3 model (hub id or local folder) and read its layout.
+
+The sentence-transformers configuration files are read directly rather than
+through sentence-transformers, so that every file the export depends on is
+checked here and anything that is not the JobBERT-v3 architecture is refused
+with an error that says what was found.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobbert_onnx.manifest import sha256_file
+
+ROUTES = ("anchor", "positive")
+TANH = "torch.nn.modules.activation.Tanh"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+_TRANSFORMER = "sentence_transformers.models.Transformer"
+_POOLING = "sentence_transformers.models.Pooling"
+_ROUTER_TYPES = {
+    "sentence_transformers.models.Router": ("router_config.json", "Router"),
+    "sentence_transformers.models.Asym": ("config.json", "Asym"),
+}
+# Hub files the export reads; everything else in the repository (ONNX/OpenVINO
+# copies, pickled weights) is left undownloaded.
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
+
+
+class UnsupportedModelError(ValueError):
+    """The source is not a JobBERT-v3-shaped sentence-transformers model."""
+
+
+@dataclass(frozen=True)
+class HeadSpec:
+    """One Dense(hidden -> output) + Tanh head of the asymmetric module."""
+
+    route: str
+    folder: Path
+    in_features: int
+    out_features: int
+
+    @property
+    def weights(self) -> Path:
+        return self.folder / "model.safetensors"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the exporter needs to know about a source model."""
+
+    source: str
+    revision: str | None
+    folder: Path
+    encoder_config: dict[str, Any]
+    max_seq_length: int
+    router_kind: str
+    heads: dict[str, HeadSpec]
+    default_route: str
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.encoder_config["hidden_size"])
+
+    @property
+    def output_dim(self) -> int:
+        return self.heads[self.default_route].out_features
+
+    def weight_files(self) -> list[Path]:
+        """The weight files the export reads, encoder first."""
+        return [self.folder / "model.safetensors", *(h.weights for h in self.heads.values())]
+
+    def weight_hashes(self) -> dict[str, str]:
+        """sha256 of every weight file, keyed by its path inside the model folder."""
+        return {str(p.relative_to(self.folder)): sha256_file(p) for p in self.weight_files()}
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise UnsupportedModelError(f"{what}: {path} is missing")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise UnsupportedModelError(f"{what}: {path} is not valid JSON ({error})") from error
+
+
+def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str | None]:
+    """Return a local folder for a hub id or a local path, and the resolved revision.
+
+    Args:
+        source: A local sentence-transformers folder, or a hub id such as
+            ``TechWolf/JobBERT-v3``.
+        revision: A branch, tag or commit of the hub repository.
+
+    Raises:
+        UnsupportedModelError: The source is neither an existing folder nor a hub id.
+    """
+    path = Path(source).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UnsupportedModelError(f"{source} is a file; pass the model folder that holds modules.json")
+        if revision is not None:
+            raise UnsupportedModelError(f"--revision applies to hub ids only; {source} is a local folder")
+        return path.resolve(), None
+    if not _HUB_ID.match(source):
+        raise UnsupportedModelError(
+            f"{source!r} is neither an existing folder nor a hub id of the form owner/name (e.g. TechWolf/JobBERT-v3)"
+        )
+    from huggingface_hub import snapshot_download
+
+    folder = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=_HUB_PATTERNS))
+    # Snapshot folders are named after the commit they hold.
+    return folder, folder.name
+
+
+def _check_encoder(folder: Path) -> dict[str, Any]:
+    config = _read_json(folder / "config.json", "encoder config")
+    found = config.get("model_type")
+    if found != "xlm-roberta":
+        raise UnsupportedModelError(
+            f"the encoder is model_type {found!r} ({folder / 'config.json'}); "
+            "JobBERT-v3 export supports 'xlm-roberta' only"
+        )
+    for key, expected in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
+        if config.get(key, expected) != expected:
+            raise UnsupportedModelError(f"the encoder has {key}={config.get(key)!r}; only {expected!r} is supported")
+    if not (folder / "model.safetensors").is_file():
+        pickled = (folder / "pytorch_model.bin").is_file()
+        hint = " (only pytorch_model.bin is there: pickled weights are not loaded)" if pickled else ""
+        raise UnsupportedModelError(f"{folder / 'model.safetensors'} is missing{hint}")
+    return dict(config)
+
+
+def _check_pooling(folder: Path, hidden: int) -> None:
+    config = _read_json(folder / "config.json", "pooling config")
+    modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
+    if modes != ["pooling_mode_mean_tokens"]:
+        raise UnsupportedModelError(
+            f"pooling in {folder} uses {modes or 'no mode'}; only mean pooling (pooling_mode_mean_tokens) is supported"
+        )
+    dim = config.get("word_embedding_dimension")
+    if dim != hidden:
+        raise UnsupportedModelError(
+            f"pooling in {folder} expects dimension {dim}, the encoder has hidden size {hidden}"
+        )
+
+
+def _check_dense(route: str, folder: Path, hidden: int) -> HeadSpec:
+    config = _read_json(folder / "config.json", f"Dense config of head {route!r}")
+    found = (
+        f"in_features={config.get('in_features')}, out_features={config.get('out_features')}, "
+        f"bias={config.get('bias')}, activation={config.get('activation_function')}"
+    )
+    if (
+        config.get("in_features") != hidden
+        or not isinstance(config.get("out_features"), int)
+        or config.get("bias") is not True
+        or config.get("activation_function") != TANH
+    ):
+        raise UnsupportedModelError(
+            f"head {route!r} ({folder}) is Dense({found}); expected Dense(in_features={hidden}, bias=True) with Tanh"
+        )
+    if not (folder / "model.safetensors").is_file():
+        raise UnsupportedModelError(f"head {route!r}: {folder / 'model.safetensors'} is missing")
+    return HeadSpec(route=route, folder=folder, in_features=hidden, out_features=int(config["out_features"]))
+
+
+def _read_heads(folder: Path, module_type: str, hidden: int) -> tuple[dict[str, HeadSpec], str]:
+    config_name, kind = _ROUTER_TYPES[module_type]
+    config = _read_json(folder / config_name, f"{kind} config")
+    structure = config.get("structure")
+    types = config.get("types", {})
+    if not isinstance(structure, dict):
+        raise UnsupportedModelError(f"{folder / config_name} has no 'structure' mapping routes to modules")
+    routes = sorted(structure)
+    if routes != sorted(ROUTES):
+        raise UnsupportedModelError(
+            f"the {kind} module in {folder} has routes {routes}; JobBERT-v3 has exactly {list(ROUTES)}"
+        )
+    heads = {}
+    for route in ROUTES:
+        modules = structure[route]
+        if len(modules) != 1 or not str(types.get(modules[0], "")).startswith("sentence_transformers.models.Dense"):
+            described = [f"{m} ({types.get(m, 'unknown type')})" for m in modules]
+            raise UnsupportedModelError(
+                f"route {route!r} of the {kind} module runs {described}; expected a single Dense module"
+            )
+        heads[route] = _check_dense(route, folder / modules[0], hidden)
+    if heads["anchor"].out_features != heads["positive"].out_features:
+        raise UnsupportedModelError(
+            f"the heads give {heads['anchor'].out_features}-d (anchor) and {heads['positive'].out_features}-d "
+            "(positive) vectors; both must have the same size to be compared"
+        )
+    # sentence-transformers >= 5 uses the Router's default route; the legacy Asym
+    # has none, and JobBERT-v3's documented default is the title side.
+    default = config.get("parameters", {}).get("default_route") or "anchor"
+    if default not in heads:
+        raise UnsupportedModelError(f"default route {default!r} in {folder / config_name} is not one of {routes}")
+    return heads, default
+
+
+def read_model(source: str, revision: str | None = None) -> ModelSpec:
+    """Locate a JobBERT-v3 model and check that its layout is the one this exporter supports.
+
+    Supported: ``modules.json`` with Transformer (XLM-R) -> Pooling (mean) -> Router
+    (``2_Router/router_config.json``) or legacy Asym (``2_Asym/config.json``), whose
+    routes ``anchor`` and ``positive`` each run one Dense(hidden -> d) + Tanh.
+
+    Raises:
+        UnsupportedModelError: With what was found, for any other layout.
+    """
+    folder, resolved = resolve_source(source, revision)
+    modules = _read_json(folder / "modules.json", "sentence-transformers module list")
+    if not isinstance(modules, list):
+        raise UnsupportedModelError(f"{folder / 'modules.json'} is not a list of modules")
+    found = [str(m.get("type")) for m in modules]
+    if len(modules) != 3 or found[0] != _TRANSFORMER or found[1] != _POOLING or found[2] not in _ROUTER_TYPES:
+        raise UnsupportedModelError(
+            f"{folder / 'modules.json'} lists {found}; expected Transformer -> Pooling -> Router (or legacy Asym)"
+        )
+    encoder_folder = folder / modules[0].get("path", "")
+    encoder_config = _check_encoder(encoder_folder)
+    hidden = int(encoder_config["hidden_size"])
+    st_config = _read_json(encoder_folder / "sentence_bert_config.json", "sentence-transformers config")
+    max_seq_length = st_config.get("max_seq_length")
+    limit = int(encoder_config.get("max_position_embeddings", 514)) - int(encoder_config.get("pad_token_id", 1)) - 1
+    if not isinstance(max_seq_length, int) or not 2 <= max_seq_length <= limit:
+        raise UnsupportedModelError(
+            f"max_seq_length {max_seq_length!r} in sentence_bert_config.json is not in [2, {limit}]"
+        )
+    if st_config.get("do_lower_case"):
+        raise UnsupportedModelError("sentence_bert_config.json sets do_lower_case=true; JobBERT-v3 does not lowercase")
+    _check_pooling(folder / modules[1]["path"], hidden)
+    heads, default = _read_heads(folder / modules[2]["path"], found[2], hidden)
+    if not (encoder_folder / "tokenizer.json").is_file():
+        raise UnsupportedModelError(
+            f"{encoder_folder / 'tokenizer.json'} is missing (a fast tokenizer file is required)"
+        )
+    return ModelSpec(
+        source=source,
+        revision=resolved,
+        folder=folder,
+        encoder_config=encoder_config,
+        max_seq_length=max_seq_length,
+        router_kind=_ROUTER_TYPES[found[2]][1],
+        heads=heads,
+        default_route=default,
+    )

@@ -1,0 +1,208 @@
+"""`Encoder`: the public API, a drop-in for `SentenceTransformer.encode(..., task=...)`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, read_manifest
+from jobbert_onnx.runtime.chain import GraphChain
+from jobbert_onnx.runtime.progress import Progress
+from jobbert_onnx.runtime.sessions import Device, choose_device
+from jobbert_onnx.runtime.tokenize import TextTokenizer
+
+
+def check_texts(sentences: object) -> tuple[list[str], bool]:
+    """Validate the input of `encode`; return the texts and whether one string was given.
+
+    Raises:
+        TypeError: Not a string or a list/tuple of strings; names the first bad item.
+    """
+    if isinstance(sentences, str):
+        return [sentences], True
+    if not isinstance(sentences, (list, tuple)):
+        hint = " (convert it with .tolist())" if type(sentences).__name__ == "ndarray" else ""
+        raise TypeError(f"sentences must be a str or a list of str; got {type(sentences).__name__}{hint}")
+    for index, item in enumerate(sentences):
+        if not isinstance(item, str):
+            raise TypeError(f"sentences[{index}] is {type(item).__name__}, not str; every item must be a string")
+    return list(sentences), False
+
+
+class Encoder:
+    """JobBERT-v3 from an export folder, on onnxruntime, without torch.
+
+    Example:
+        >>> enc = Encoder.load("jobbert-v3-onnx/", device="auto")
+        >>> titles = enc.encode(["Software Engineer", "Produktmanager"], task="anchor")
+        >>> titles.shape
+        (2, 1024)
+
+    `encode` is safe to call from several threads at once: onnxruntime sessions
+    allow concurrent runs, and every call binds its own inputs and outputs.
+    """
+
+    def __init__(self, manifest: Manifest, device: Device, threads: int | None = None) -> None:
+        self.manifest = manifest
+        self.device = device
+        self.tokenizer = TextTokenizer(manifest.path(TOKENIZER_FILE), manifest.max_seq_length)
+        self.chain = GraphChain(manifest, device, threads)
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "auto", threads: int | None = None) -> Encoder:
+        """Load an export folder written by `jobbert-onnx export`.
+
+        Args:
+            path: The export folder.
+            device: ``"auto"`` (CUDA when it really loads, else the CPU, with a
+                warning), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
+            threads: onnxruntime intra-op threads per graph (default: onnxruntime's choice).
+
+        Raises:
+            ManifestError: The folder is not a complete export.
+            DeviceError: ``device="cuda"`` and CUDA cannot be used here.
+        """
+        manifest = read_manifest(path)
+        resolved = choose_device(device, manifest.path(POOLING_FILE))
+        return cls(manifest, resolved, threads)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """The heads of the model, e.g. ``("anchor", "positive")``."""
+        return self.manifest.routes
+
+    @property
+    def default_task(self) -> str:
+        """The head used when `task` is None (``anchor``: job titles)."""
+        return self.manifest.default_route
+
+    @property
+    def max_seq_length(self) -> int:
+        return self.manifest.max_seq_length
+
+    @property
+    def precision(self) -> str:
+        return self.manifest.precision
+
+    def get_sentence_embedding_dimension(self) -> int:
+        """Size of the vectors (1024 for JobBERT-v3), as in sentence-transformers."""
+        return self.manifest.output_dim
+
+    def resolve_task(self, task: str | None) -> str:
+        """The head for `task` (None: the default); errors name the valid tasks."""
+        if task is None:
+            return self.default_task
+        if task not in self.tasks:
+            raise ValueError(f"unknown task {task!r}; this model has: {', '.join(self.tasks)}")
+        return task
+
+    def encode(
+        self,
+        sentences: str | Sequence[str],
+        task: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = False,
+        normalize_embeddings: bool = False,
+        *,
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        precision: str = "float32",
+        output_value: str | None = "sentence_embedding",
+        truncate_dim: int | None = None,
+        prompt: str | None = None,
+        device: str | None = None,
+    ) -> np.ndarray:
+        """Embed job titles (``task="anchor"``) or skill lists (``task="positive"``).
+
+        Follows `SentenceTransformer.encode` (sentence-transformers >= 5): texts are
+        truncated to the model's 64 tokens, sorted by length into batches, and the
+        vectors returned in input order.
+
+        Args:
+            sentences: One string, or a list/tuple of strings.
+            task: ``"anchor"`` (job titles), ``"positive"`` (skill lists), or None
+                for the model's default route (``anchor``).
+            batch_size: Texts per graph run.
+            show_progress_bar: Draw a progress bar on stderr.
+            normalize_embeddings: Scale every vector to unit length.
+            convert_to_numpy: Must stay True (vectors are numpy arrays).
+            convert_to_tensor: Must stay False (this runtime does not use torch).
+            precision: Only ``"float32"``.
+            output_value: Only ``"sentence_embedding"``.
+            truncate_dim: Keep the first N dimensions (before normalizing).
+            prompt: Text put in front of every input, as sentence-transformers does.
+            device: Accepted for compatibility; the device is chosen at `load`.
+
+        Returns:
+            float32 array [n, dim] for a list, or a 1-D [dim] vector for one string.
+
+        Raises:
+            TypeError: `sentences` is not a string or a list of strings.
+            ValueError: Unknown task, or an option this runtime does not support.
+        """
+        texts, single = check_texts(sentences)
+        route = self.resolve_task(task)
+        _check_options(convert_to_numpy, convert_to_tensor, precision, output_value, device, self.device)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+        if truncate_dim is not None and not 1 <= truncate_dim <= self.get_sentence_embedding_dimension():
+            raise ValueError(
+                f"truncate_dim must be in [1, {self.get_sentence_embedding_dimension()}]; got {truncate_dim}"
+            )
+        if prompt:
+            texts = [prompt + text for text in texts]
+
+        out = np.empty((len(texts), self.get_sentence_embedding_dimension()), dtype=np.float32)
+        tokenized = self.tokenizer.tokenize(texts)
+        # Longest first, as sentence-transformers does, so padding within a batch is small.
+        order = np.argsort(-tokenized.lengths, kind="stable")
+        progress = Progress(len(texts), bool(show_progress_bar))
+        for start in range(0, len(texts), batch_size):
+            rows = order[start : start + batch_size]
+            out[rows] = self.chain.run(self.tokenizer.pad(tokenized, rows), route)
+            progress.update(len(rows))
+        progress.close()
+
+        if truncate_dim is not None:
+            out = np.ascontiguousarray(out[:, :truncate_dim])
+        if normalize_embeddings:
+            norms = np.linalg.norm(out, axis=1, keepdims=True)
+            out /= np.maximum(norms, 1e-12)
+        return out[0] if single else out
+
+    @staticmethod
+    def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """Cosine similarity matrix between two sets of vectors (JobBERT-v3's metric)."""
+        a2 = np.atleast_2d(np.asarray(a, dtype=np.float32))
+        b2 = np.atleast_2d(np.asarray(b, dtype=np.float32))
+        a2 = a2 / np.maximum(np.linalg.norm(a2, axis=1, keepdims=True), 1e-12)
+        b2 = b2 / np.maximum(np.linalg.norm(b2, axis=1, keepdims=True), 1e-12)
+        return a2 @ b2.T
+
+    def __repr__(self) -> str:
+        return (
+            f"Encoder({str(self.manifest.folder)!r}, device={str(self.device)!r}, precision={self.precision!r}, "
+            f"tasks={list(self.tasks)}, default_task={self.default_task!r})"
+        )
+
+
+def _check_options(
+    convert_to_numpy: bool,
+    convert_to_tensor: bool,
+    precision: str,
+    output_value: str | None,
+    device: str | None,
+    loaded_on: Device,
+) -> None:
+    if convert_to_tensor or not convert_to_numpy:
+        raise ValueError("this runtime returns numpy arrays only; wrap the result with torch.from_numpy() if needed")
+    if precision != "float32":
+        raise ValueError(f"precision={precision!r} is not supported; only 'float32' vectors are returned")
+    if output_value != "sentence_embedding":
+        raise ValueError(f"output_value={output_value!r} is not supported; only 'sentence_embedding' is returned")
+    if device is not None and device != str(loaded_on) and not (device == "cuda" and loaded_on.kind == "cuda"):
+        raise ValueError(
+            f"this Encoder runs on {loaded_on}; choose the device when loading: Encoder.load(path, device={device!r})"
+        )

@@ -1,0 +1,74 @@
+"""Text -> token ids: the first stage, on the CPU.
+
+Texts are tokenized once without padding, so their lengths are known before
+batching; each batch is then padded on the right to its own longest row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+
+
+@dataclass(frozen=True)
+class Tokenized:
+    """Token ids of many texts, unpadded, and their lengths."""
+
+    ids: list[list[int]]
+    lengths: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One padded batch: what the encoder graph takes."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+
+    @property
+    def tokens(self) -> int:
+        return int(self.attention_mask.sum())
+
+
+class TextTokenizer:
+    """The export's `tokenizer.json`, truncating at the model's cap."""
+
+    def __init__(self, path: Path, max_seq_length: int) -> None:
+        tokenizer = Tokenizer.from_file(str(path))
+        truncation = tokenizer.truncation
+        if not truncation or truncation.get("max_length") != max_seq_length:
+            found = truncation.get("max_length") if truncation else None
+            raise ValueError(
+                f"{path} truncates at {found} tokens but the model takes {max_seq_length}; export the model again"
+            )
+        padding = tokenizer.padding
+        pad_id = padding["pad_id"] if padding else tokenizer.token_to_id("<pad>")
+        if pad_id is None:
+            raise ValueError(f"{path} sets no padding and has no <pad> token; export the model again")
+        self.pad_id = int(pad_id)
+        tokenizer.no_padding()
+        self._tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+
+    def tokenize(self, texts: list[str]) -> Tokenized:
+        """Token ids with ``<s> ... </s>``, truncated to the cap, not padded."""
+        encodings = self._tokenizer.encode_batch(texts, add_special_tokens=True)
+        ids = [encoding.ids for encoding in encodings]
+        lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
+        return Tokenized(ids=ids, lengths=lengths)
+
+    def pad(self, tokenized: Tokenized, rows: np.ndarray) -> Batch:
+        """Pad the chosen rows on the right to the longest of them."""
+        lengths = tokenized.lengths[rows]
+        width = int(lengths.max()) if len(rows) else 0
+        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+        for out_row, row in enumerate(rows):
+            input_ids[out_row, : lengths[out_row]] = tokenized.ids[row]
+        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+        return Batch(input_ids=input_ids, attention_mask=attention_mask)

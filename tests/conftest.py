@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny random-weight JobBERT-v3 models in both layouts, and their exports.
+
+Everything is built once per test session in a temporary folder; nothing is
+downloaded, and nothing outside the repository is read.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from jobbert_onnx import Encoder, samples
+from jobbert_onnx.export import export_model
+from jobbert_onnx.export.random_model import build_random_model
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "router": build_random_model(root / "router", size="tiny", layout="router", seed=0),
+        "legacy-asym": build_random_model(root / "legacy-asym", size="tiny", layout="legacy-asym", seed=1),
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """(layout, precision) -> export folder."""
+    root = tmp_path_factory.mktemp("exports")
+    out = {}
+    for layout, precision in [("router", "fp32"), ("router", "fp16"), ("legacy-asym", "fp32")]:
+        folder = root / f"{layout}-{precision}"
+        export_model(str(tiny_models[layout]), folder, precision=precision, validate_device="cpu", log=_quiet)
+        out[(layout, precision)] = folder
+    return out
+
+
+@pytest.fixture(scope="session")
+def encoder_fp32(tiny_exports: dict[tuple[str, str], Path]) -> Encoder:
+    return Encoder.load(tiny_exports[("router", "fp32")], device="cpu")
+
+
+@pytest.fixture(scope="session")
+def st_models(tiny_models: dict[str, Path]) -> dict[str, Any]:
+    from sentence_transformers import SentenceTransformer
+
+    return {layout: SentenceTransformer(str(path), device="cpu") for layout, path in tiny_models.items()}
+
+
+def parity_texts() -> list[str]:
+    """Multilingual titles, skill lists (typical and over 64 tokens), one-token and empty inputs."""
+    texts: list[str] = []
+    for language in samples.LANGUAGES:
+        texts += samples.titles(language)[5::211][:8]
+    for language in samples.SKILL_LANGUAGES:
+        texts += samples.skill_lists(language, count=3, skills_per_list=7, offset=40)
+        texts += samples.skill_lists(language, count=1, skills_per_list=50, offset=900)
+    texts += ["a", "CEO", "数", "", " ", "Data Scientist\n", "ingeniero   de\tsoftware"]
+    return texts
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: str) -> None:
+    """Elementwise parity that reports the worst index and both values."""
+    diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))
+    worst = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    assert diff[worst] <= atol, (
+        f"{what}: max |diff| {diff[worst]:.3g} > {atol} at {tuple(int(i) for i in worst)}: "
+        f"got {actual[worst]!r}, expected {expected[worst]!r}"
+    )

@@ -1,0 +1,214 @@
+"""The exporter: graph structure, manifest, both layouts, refusals, and an all-or-nothing output folder."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import onnx
+import pytest
+
+from jobbert_onnx.export import ExportValidationError, UnsupportedModelError, export_model
+from jobbert_onnx.export import validate as validate_module
+from jobbert_onnx.export.source import read_model
+from jobbert_onnx.manifest import sha256_file
+
+TINY_LAYERS = 2
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.mark.parametrize("key", [("router", "fp32"), ("router", "fp16"), ("legacy-asym", "fp32")])
+def test_encoder_is_fused(tiny_exports: dict, key: tuple[str, str]) -> None:
+    graph = onnx.load(str(tiny_exports[key] / "encoder.onnx"))
+    counts: dict[str, int] = {}
+    for node in graph.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    assert counts.get("Attention") == TINY_LAYERS, counts
+    assert counts.get("SkipLayerNormalization") == 2 * TINY_LAYERS, counts
+    assert counts.get("BiasGelu", 0) + counts.get("Gelu", 0) + counts.get("FastGelu", 0) == TINY_LAYERS, counts
+    assert "Softmax" not in counts and "Erf" not in counts, "unfused attention or GELU left in the graph"
+
+
+def test_fp16_stores_half_weights_and_keeps_fp32_interfaces(tiny_exports: dict) -> None:
+    encoder = onnx.load(str(tiny_exports[("router", "fp16")] / "encoder.onnx"))
+    weights = [i for i in encoder.graph.initializer if len(i.dims) == 2]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    assert encoder.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    for name in ("pooling.onnx", "head_anchor.onnx", "head_positive.onnx"):
+        graph = onnx.load(str(tiny_exports[("router", "fp16")] / name))
+        assert all(i.data_type != onnx.TensorProto.FLOAT16 for i in graph.graph.initializer), name
+
+
+def test_axes_are_dynamic(tiny_exports: dict) -> None:
+    encoder = onnx.load(str(tiny_exports[("router", "fp32")] / "encoder.onnx"))
+    for value in [*encoder.graph.input, *encoder.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        assert dims[0].dim_param and dims[1].dim_param, f"{value.name} has fixed batch/sequence axes"
+
+
+def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
+    folder = tiny_exports[("router", "fp16")]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 1
+    assert manifest["precision"] == "fp16" and manifest["opset"] == 17
+    source = manifest["source"]
+    assert source["model"] == str(tiny_models["router"]) and source["revision"] is None
+    assert source["weights_sha256"]["model.safetensors"] == sha256_file(tiny_models["router"] / "model.safetensors")
+    assert set(source["weights_sha256"]) == {
+        "model.safetensors",
+        "2_Router/anchor_0_Dense/model.safetensors",
+        "2_Router/positive_0_Dense/model.safetensors",
+    }
+    arch = manifest["architecture"]
+    assert arch | {"layers": 0} == {
+        "model_type": "xlm-roberta",
+        "layers": 0,
+        "hidden_size": 32,
+        "attention_heads": 4,
+        "intermediate_size": 64,
+        "vocab_size": 250_002,
+        "max_seq_length": 64,
+        "pooling": "mean",
+        "output_dim": 1024,
+        "routes": ["anchor", "positive"],
+        "default_route": "anchor",
+        "module": "Router",
+    }
+    assert arch["layers"] == TINY_LAYERS
+    for package in ("torch", "transformers", "onnx", "onnxruntime"):
+        assert manifest["versions"][package], package
+    expected_files = {"encoder.onnx", "pooling.onnx", "head_anchor.onnx", "head_positive.onnx", "tokenizer.json"}
+    assert set(manifest["files"]) == expected_files
+    for name, facts in manifest["files"].items():
+        assert facts["sha256"] == sha256_file(folder / name)
+        assert facts["size"] == (folder / name).stat().st_size
+    validation = manifest["validation"]
+    assert validation["passed"] and validation["token_ids_match"]
+    assert validation["min_cosine_required"] == 0.999
+    for route in ("anchor", "positive"):
+        assert 0.999 <= validation["heads"][route]["min_cosine"] <= 1.0 + 1e-9
+    assert manifest["fused_nodes"]["Attention"] == TINY_LAYERS
+
+
+def test_legacy_layout_is_read(tiny_models: dict) -> None:
+    spec = read_model(str(tiny_models["legacy-asym"]))
+    assert spec.router_kind == "Asym" and spec.default_route == "anchor"
+    assert spec.heads["anchor"].folder.name == "6235903824_Dense"
+
+
+def _copy(model: Path, tmp_path: Path) -> Path:
+    target = tmp_path / "model"
+    shutil.copytree(model, target)
+    return target
+
+
+def _edit_json(path: Path, **changes: object) -> None:
+    data = json.loads(path.read_text())
+    data.update(changes)
+    path.write_text(json.dumps(data))
+
+
+def _cls_pooling(folder: Path) -> None:
+    _edit_json(folder / "1_Pooling" / "config.json", pooling_mode_mean_tokens=False, pooling_mode_cls_token=True)
+
+
+def _missing_head(folder: Path) -> None:
+    config = folder / "2_Router" / "router_config.json"
+    data = json.loads(config.read_text())
+    del data["structure"]["positive"]
+    config.write_text(json.dumps(data))
+
+
+def _wrong_dense(folder: Path) -> None:
+    _edit_json(folder / "2_Router" / "anchor_0_Dense" / "config.json", in_features=768)
+
+
+def _relu_dense(folder: Path) -> None:
+    _edit_json(
+        folder / "2_Router" / "positive_0_Dense" / "config.json", activation_function="torch.nn.modules.activation.ReLU"
+    )
+
+
+def _bert_encoder(folder: Path) -> None:
+    _edit_json(folder / "config.json", model_type="bert")
+
+
+def _pickled_weights(folder: Path) -> None:
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+
+
+def _extra_module(folder: Path) -> None:
+    modules = json.loads((folder / "modules.json").read_text())
+    modules.append({"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"})
+    (folder / "modules.json").write_text(json.dumps(modules))
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (_cls_pooling, r"uses \['pooling_mode_cls_token'\]; only mean pooling"),
+        (_missing_head, r"has routes \['anchor'\]; JobBERT-v3 has exactly \['anchor', 'positive'\]"),
+        (
+            _wrong_dense,
+            r"head 'anchor' .* is Dense\(in_features=768, out_features=1024.*expected Dense\(in_features=32",
+        ),
+        (_relu_dense, r"activation=torch.nn.modules.activation.ReLU"),
+        (_bert_encoder, r"model_type 'bert'.*supports 'xlm-roberta' only"),
+        (_pickled_weights, r"model.safetensors is missing \(only pytorch_model.bin is there"),
+        (_extra_module, r"lists \[.*Normalize'\]; expected Transformer -> Pooling -> Router"),
+    ],
+)
+def test_other_layouts_are_refused(tiny_models: dict, tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]
+    folder = _copy(tiny_models["router"], tmp_path)
+    mutate(folder)
+    with pytest.raises(UnsupportedModelError, match=message):
+        export_model(str(folder), tmp_path / "out", log=_quiet)
+    assert not (tmp_path / "out").exists()
+
+
+def test_source_that_is_neither_folder_nor_hub_id(tmp_path: Path) -> None:
+    with pytest.raises(UnsupportedModelError, match="neither an existing folder nor a hub id"):
+        read_model(str(tmp_path / "no such folder"))
+    with pytest.raises(UnsupportedModelError, match="--revision applies to hub ids only"):
+        read_model(str(tmp_path), revision="main")
+
+
+def test_hub_id_is_downloaded_with_revision(tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    snapshot = tmp_path / "snapshots" / commit
+    shutil.copytree(tiny_models["router"], snapshot)
+    calls = []
+
+    def fake_snapshot_download(repo_id: str, revision: str | None, allow_patterns: list[str]) -> str:
+        calls.append((repo_id, revision, allow_patterns))
+        return str(snapshot)
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", fake_snapshot_download)
+    spec = read_model("TechWolf/JobBERT-v3", revision="v1.0")
+    assert calls[0][:2] == ("TechWolf/JobBERT-v3", "v1.0")
+    assert "*.safetensors" in calls[0][2] and not any(p.endswith(".bin") for p in calls[0][2])
+    assert spec.revision == commit and spec.source == "TechWolf/JobBERT-v3"
+
+
+def test_non_empty_output_is_not_overwritten(tiny_models: dict, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not empty"):
+        export_model(str(tiny_models["router"]), out, log=_quiet)
+    with pytest.raises(FileExistsError, match="not a jobbert-onnx export"):
+        export_model(str(tiny_models["router"]), out, overwrite=True, log=_quiet)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_failed_validation_leaves_nothing_that_loads(
+    tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(validate_module.MIN_COSINE, "fp32", 1.5)  # no export can reach this
+    with pytest.raises(ExportValidationError, match=r"head 'anchor': min cosine .* < 1.5"):
+        export_model(str(tiny_models["router"]), tmp_path / "out", precision="fp32", validate_device="cpu", log=_quiet)
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,62 @@
+"""export -> load -> encode gives sentence-transformers' vectors, for both heads, layouts and precisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import assert_close, cosines, parity_texts
+
+from jobbert_onnx import Encoder
+
+# fp32 is the exact variant; fp16 runs the encoder in half precision.
+FP32_ATOL = 1e-5
+FP32_MIN_COSINE = 0.99999
+FP16_MIN_COSINE = 0.999
+
+
+@pytest.mark.parametrize("layout", ["router", "legacy-asym"])
+@pytest.mark.parametrize("task", ["anchor", "positive"])
+def test_fp32_matches_sentence_transformers(
+    tiny_exports: dict[tuple[str, str], Path], st_models: dict[str, Any], layout: str, task: str
+) -> None:
+    texts = parity_texts()
+    expected = st_models[layout].encode(texts, task=task, batch_size=8)
+    got = Encoder.load(tiny_exports[(layout, "fp32")], device="cpu").encode(texts, task=task, batch_size=8)
+    assert got.shape == expected.shape == (len(texts), 1024)
+    assert got.dtype == np.float32
+    assert_close(got, expected, FP32_ATOL, f"{layout}/{task} fp32")
+    assert cosines(got, expected).min() >= FP32_MIN_COSINE
+
+
+@pytest.mark.parametrize("task", ["anchor", "positive"])
+def test_fp16_matches_sentence_transformers(
+    tiny_exports: dict[tuple[str, str], Path], st_models: dict[str, Any], task: str
+) -> None:
+    texts = parity_texts()
+    expected = st_models["router"].encode(texts, task=task)
+    got = Encoder.load(tiny_exports[("router", "fp16")], device="cpu").encode(texts, task=task)
+    worst = int(np.argmin(cosines(got, expected)))
+    assert cosines(got, expected)[worst] >= FP16_MIN_COSINE, f"worst text {texts[worst]!r}"
+
+
+def test_default_task_is_the_routers_default(encoder_fp32: Encoder, st_models: dict[str, Any]) -> None:
+    texts = ["Software Engineer", "Produktmanager"]
+    assert encoder_fp32.default_task == "anchor"
+    assert_close(encoder_fp32.encode(texts), encoder_fp32.encode(texts, task="anchor"), 0.0, "task=None vs anchor")
+    assert_close(encoder_fp32.encode(texts), st_models["router"].encode(texts), FP32_ATOL, "task=None vs ST")
+
+
+def test_parity_inputs_are_discriminative(encoder_fp32: Encoder) -> None:
+    """Parity at these tolerances means something only if different texts give clearly different vectors."""
+    texts = [t for t in parity_texts() if t.strip()]
+    for task in encoder_fp32.tasks:
+        vectors = encoder_fp32.encode(texts, task=task, normalize_embeddings=True)
+        sims = vectors @ vectors.T
+        np.fill_diagonal(sims, -1.0)
+        assert sims.max() < 0.999, f"two different texts give near-identical {task} vectors ({sims.max():.5f})"
+    anchor = encoder_fp32.encode(texts, task="anchor", normalize_embeddings=True)
+    positive = encoder_fp32.encode(texts, task="positive", normalize_embeddings=True)
+    assert np.abs((anchor * positive).sum(1)).max() < 0.9, "the two heads give near-identical vectors"

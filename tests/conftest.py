@@ -43,6 +43,23 @@ def tiny_exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
+def full_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full-size JobBERT-v3 architecture (278M parameters) with random weights."""
+    return build_random_model(tmp_path_factory.mktemp("full") / "model", size="full", layout="router", seed=0)
+
+
+@pytest.fixture(scope="session")
+def full_exports(full_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """precision -> export of the full-size model (each takes 1-2 minutes on two cores)."""
+    root = tmp_path_factory.mktemp("full-exports")
+    out = {}
+    for precision in ("fp32", "fp16"):
+        out[precision] = root / precision
+        export_model(str(full_model), out[precision], precision=precision, log=_quiet)
+    return out
+
+
+@pytest.fixture(scope="session")
 def encoder_fp32(tiny_exports: dict[tuple[str, str], Path]) -> Encoder:
     return Encoder.load(tiny_exports[("router", "fp32")], device="cpu")
 

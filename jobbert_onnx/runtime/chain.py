@@ -44,13 +44,21 @@ class GraphChain:
 
     def run(self, batch: Batch, route: str) -> np.ndarray:
         """Vectors [batch, dim] (float32, host memory) for one padded batch."""
+        return self.stages(batch, route)[EMBEDDING].numpy()
+
+    def stages(self, batch: Batch, route: str) -> dict[str, ort.OrtValue]:
+        """Run the chain and return every stage's output, keyed by graph output name.
+
+        Token and sentence embeddings stay in the device's memory; only the
+        head's output is in host memory.
+        """
         kind, index = self._memory
         input_ids = ort.OrtValue.ortvalue_from_numpy(batch.input_ids, kind, index)
         mask = ort.OrtValue.ortvalue_from_numpy(batch.attention_mask, kind, index)
         tokens = self._stage(self.encoder, {INPUT_IDS: input_ids, ATTENTION_MASK: mask}, TOKEN_EMBEDDINGS)
         pooled = self._stage(self.pooling, {TOKEN_EMBEDDINGS: tokens, ATTENTION_MASK: mask}, SENTENCE_EMBEDDING)
         vectors = self._stage(self.heads[route], {SENTENCE_EMBEDDING: pooled}, EMBEDDING, to_host=True)
-        return vectors.numpy()
+        return {TOKEN_EMBEDDINGS: tokens, SENTENCE_EMBEDDING: pooled, EMBEDDING: vectors}
 
     def _stage(
         self, session: ort.InferenceSession, inputs: dict[str, ort.OrtValue], output: str, to_host: bool = False

@@ -25,9 +25,9 @@ _ROUTER_TYPES = {
     "sentence_transformers.models.Router": ("router_config.json", "Router"),
     "sentence_transformers.models.Asym": ("config.json", "Asym"),
 }
-# Hub files the export reads; everything else in the repository (ONNX/OpenVINO
-# copies, pickled weights) is left undownloaded.
-_HUB_PATTERNS = ["*.json", "*.safetensors", "*/*.json", "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors"]
+# Hub files the export reads (patterns match in subfolders too); pickled weights
+# and ONNX/OpenVINO copies in the repository are left undownloaded.
+_HUB_PATTERNS = ["*.json", "*.safetensors"]
 
 
 class UnsupportedModelError(ValueError):

@@ -203,6 +203,8 @@ def test_non_empty_output_is_not_overwritten(tiny_models: dict, tmp_path: Path) 
     with pytest.raises(FileExistsError, match="not a jobbert-onnx export"):
         export_model(str(tiny_models["router"]), out, overwrite=True, log=_quiet)
     assert (out / "notes.txt").read_text() == "mine"
+    with pytest.raises(FileExistsError, match="is a file; choose a folder"):
+        export_model(str(tiny_models["router"]), out / "notes.txt", overwrite=True, log=_quiet)
 
 
 def test_failed_validation_leaves_nothing_that_loads(

@@ -71,12 +71,14 @@ def _architecture(spec: ModelSpec) -> dict[str, Any]:
 
 
 def _prepare_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())):
+    if output.exists() and not output.is_dir():
+        raise FileExistsError(f"{output} is a file; choose a folder for the export")
+    if output.exists() and any(output.iterdir()):
         if not overwrite:
             raise FileExistsError(
                 f"{output} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)"
             )
-        if output.is_dir() and not (output / MANIFEST_NAME).is_file():
+        if not (output / MANIFEST_NAME).is_file():
             raise FileExistsError(
                 f"{output} is not a jobbert-onnx export; refusing to overwrite it, choose another folder"
             )

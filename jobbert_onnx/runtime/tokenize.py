@@ -20,9 +20,6 @@ class Tokenized:
     ids: list[list[int]]
     lengths: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
 
 @dataclass(frozen=True)
 class Batch:
@@ -30,10 +27,6 @@ class Batch:
 
     input_ids: np.ndarray
     attention_mask: np.ndarray
-
-    @property
-    def tokens(self) -> int:
-        return int(self.attention_mask.sum())
 
 
 class TextTokenizer:

@@ -30,6 +30,7 @@ import onnxruntime as ort
 
 from jobbert_onnx import Encoder, samples
 from jobbert_onnx.export import export_model
+from jobbert_onnx.export.validate import row_cosines
 
 
 def workloads(titles: int, skill_lists: int) -> dict[str, tuple[str, list[str]]]:
@@ -116,21 +117,20 @@ def main(argv: list[str] | None = None) -> int:
             t, task=task, batch_size=args.batch_size
         ),
     }
-    for precision in ("fp32", "fp16"):
-        encoder = Encoder.load(exports / precision, device="cpu")
+    encoders = {precision: Encoder.load(exports / precision, device="cpu") for precision in ("fp32", "fp16")}
+    for precision, encoder in encoders.items():
         contenders[f"jobbert-onnx {precision} (CPU)"] = lambda t, task, e=encoder: e.encode(
             t, task=task, batch_size=args.batch_size
         )
 
     rows = []
-    tokenizer = Encoder.load(exports / "fp32", device="cpu").tokenizer
+    tokenizer = encoders["fp32"].tokenizer
     for workload, (task, texts) in workloads(args.titles, args.skill_lists).items():
         expected = reference.encode(texts, task=task, batch_size=args.batch_size)
         mean_tokens = float(tokenizer.tokenize(texts).lengths.mean())
         for name, encode in contenders.items():
             vectors, times = timed(lambda enc=encode, t=texts, k=task: enc(t, k), args.repeats)
-            a, b = vectors.astype(np.float64), expected.astype(np.float64)
-            cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+            cos = row_cosines(vectors, expected)
             best = min(times)
             rows.append(
                 {

@@ -83,11 +83,6 @@ def parity_texts() -> list[str]:
     return texts
 
 
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return (a64 * b64).sum(1) / (np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1))
-
-
 def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: str) -> None:
     """Elementwise parity that reports the worst index and both values."""
     diff = np.abs(actual.astype(np.float64) - expected.astype(np.float64))

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close, cosines, parity_texts
+from conftest import assert_close, parity_texts
 
 from jobbert_onnx import Encoder
+from jobbert_onnx.export.validate import row_cosines as cosines
 
 pytestmark = pytest.mark.fullsize
 

@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_close, cosines, parity_texts
+from conftest import assert_close, parity_texts
 
 from jobbert_onnx import Encoder
+from jobbert_onnx.export.validate import row_cosines as cosines
 from jobbert_onnx.manifest import EMBEDDING, SENTENCE_EMBEDDING, TOKEN_EMBEDDINGS
 from jobbert_onnx.runtime.sessions import _cuda_blocker
 

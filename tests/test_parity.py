@@ -7,9 +7,10 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import assert_close, cosines, parity_texts
+from conftest import assert_close, parity_texts
 
 from jobbert_onnx import Encoder
+from jobbert_onnx.export.validate import row_cosines as cosines
 
 # fp32 is the exact variant; fp16 runs the encoder in half precision.
 FP32_ATOL = 1e-5

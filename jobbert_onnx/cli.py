@@ -35,7 +35,7 @@ def _encode(args: argparse.Namespace) -> int:
     from jobbert_onnx.runtime import Encoder
 
     texts = list(args.texts) if args.texts else [line.rstrip("\n") for line in sys.stdin]
-    encoder = Encoder.load(args.model_dir, device=args.device)
+    encoder = Encoder.load(args.model_dir, device=args.device, precision=args.precision)
     vectors = encoder.encode(
         texts,
         task=args.task,
@@ -80,7 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("output_dir", type=Path)
     export.add_argument("--revision", help="branch, tag or commit of the hub repository")
     export.add_argument(
-        "--precision", choices=["fp16", "fp32"], default="fp16", help="encoder precision (default fp16)"
+        "--precision",
+        default="fp16,int8",
+        help="encoder variants, comma-separated, from fp16 (GPU), fp32, int8 (CPU); default fp16,int8",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
     export.add_argument("--validate-device", default="auto", help="where to run the validation: auto, cuda, cpu")
@@ -93,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("texts", nargs="*", help="texts to encode; read from stdin, one per line, if none")
     encode.add_argument("--task", default=None, help="anchor (job titles) or positive (skill lists); default: anchor")
     encode.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
+    encode.add_argument("--precision", help="encoder variant: fp16, fp32 or int8 (default: the fastest for the device)")
     encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument("--normalize", action="store_true", help="unit-length vectors")
     encode.add_argument("--progress", action="store_true", help="progress bar on stderr")
-    encode.add_argument("--output", type=Path, help="write .npy or .jsonl here instead of JSON lines on stdout")
+    encode.add_argument("-o", "--output", type=Path, help="write .npy or .jsonl here instead of JSON lines on stdout")
     encode.set_defaults(run=_encode)
 
     random_model = commands.add_parser(

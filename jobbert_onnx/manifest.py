@@ -13,10 +13,16 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FORMAT_NAME = "jobbert-onnx"
 
-ENCODER_FILE = "encoder.onnx"
+# Encoder variants an export can hold. Pooling and heads are shared and stay fp32.
+PRECISIONS = ("fp16", "fp32", "int8")
+# Which variant runs when the caller does not choose. On CUDA: fp16 (tensor cores),
+# and never int8 (its dynamic-quantization kernels exist only on the CPU). On the
+# CPU: fastest first, as measured by the benchmark (int8 ~3.5x fp32 on titles;
+# fp16 has no CPU kernels worth having and runs no faster than fp32).
+PREFERENCE = {"cuda": ("fp16", "fp32"), "cpu": ("int8", "fp32", "fp16")}
 POOLING_FILE = "pooling.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -26,6 +32,11 @@ ATTENTION_MASK = "attention_mask"
 TOKEN_EMBEDDINGS = "token_embeddings"
 SENTENCE_EMBEDDING = "sentence_embedding"
 EMBEDDING = "embedding"
+
+
+def encoder_file(precision: str) -> str:
+    """File name of the encoder graph in one precision."""
+    return f"encoder.{precision}.onnx"
 
 
 def head_file(route: str) -> str:
@@ -47,11 +58,20 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """One encoder graph of an export: its precision, file, and validation figures."""
+
+    precision: str
+    file: str
+    validation: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class Manifest:
     """The facts the runtime needs from `manifest.json`, with the raw document kept."""
 
     folder: Path
-    precision: str
+    variants: dict[str, Variant]
     routes: tuple[str, ...]
     default_route: str
     max_seq_length: int
@@ -63,6 +83,33 @@ class Manifest:
     def path(self, name: str) -> Path:
         """Absolute path of one file listed in the manifest."""
         return self.folder / name
+
+    def choose_variant(self, device_kind: str, precision: str | None = None) -> Variant:
+        """The variant to run on ``cpu`` or ``cuda``: `precision` if given, else the preferred one.
+
+        Raises:
+            ManifestError: The requested precision is not in this export, or does not fit the device.
+        """
+        have = ", ".join(self.variants)
+        if precision is None:
+            for name in PREFERENCE[device_kind]:
+                if name in self.variants:
+                    return self.variants[name]
+            raise ManifestError(
+                f"{self.folder} holds only {have}, which does not run on {device_kind}; "
+                f"export with --precision {PREFERENCE[device_kind][0]}"
+            )
+        if precision not in self.variants:
+            raise ManifestError(
+                f"{self.folder} has no {precision!r} variant (it has: {have}); pick one of those, "
+                f"or export again with --precision {precision}"
+            )
+        if precision not in PREFERENCE[device_kind]:
+            raise ManifestError(
+                f"the {precision} variant runs on the CPU only (its kernels are CPU kernels); "
+                f"on {device_kind} use one of: {', '.join(p for p in PREFERENCE[device_kind] if p in self.variants)}"
+            )
+        return self.variants[precision]
 
 
 def read_manifest(folder: str | Path) -> Manifest:
@@ -101,12 +148,21 @@ def read_manifest(folder: str | Path) -> Manifest:
             f"{manifest_path} uses manifest schema {version}; this jobbert-onnx reads schema "
             f"{SCHEMA_VERSION} at most: upgrade jobbert-onnx (pip install -U jobbert-onnx)"
         )
+    if version < SCHEMA_VERSION:
+        raise ManifestError(
+            f"{manifest_path} uses manifest schema {version}, from an older jobbert-onnx; "
+            f"this one reads schema {SCHEMA_VERSION}: export the model again"
+        )
     try:
         arch = raw["architecture"]
         files = raw["files"]
+        variants = {
+            str(name): Variant(str(name), str(facts["file"]), dict(facts.get("validation") or {}))
+            for name, facts in raw["variants"].items()
+        }
         manifest = Manifest(
             folder=folder,
-            precision=str(raw["precision"]),
+            variants=variants,
             routes=tuple(arch["routes"]),
             default_route=str(arch["default_route"]),
             max_seq_length=int(arch["max_seq_length"]),
@@ -118,7 +174,17 @@ def read_manifest(folder: str | Path) -> Manifest:
     except (KeyError, TypeError, ValueError) as error:
         raise ManifestError(f"{manifest_path} lacks a required entry ({error!r}); export the model again") from error
 
-    required = [ENCODER_FILE, POOLING_FILE, TOKENIZER_FILE, *(head_file(r) for r in manifest.routes)]
+    unknown = [name for name in manifest.variants if name not in PRECISIONS]
+    if unknown or not manifest.variants:
+        raise ManifestError(
+            f"{manifest_path} lists variants {list(manifest.variants)}; this jobbert-onnx knows {', '.join(PRECISIONS)}"
+        )
+    required = [
+        *(v.file for v in manifest.variants.values()),
+        POOLING_FILE,
+        TOKENIZER_FILE,
+        *(head_file(r) for r in manifest.routes),
+    ]
     for name in required:
         if name not in manifest.files:
             raise ManifestError(f"{manifest_path} does not list {name}; export the model again")

@@ -20,7 +20,9 @@ def _cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[st
 
 def test_encode_json_lines_match_the_library(tiny_exports: dict, encoder_fp32: Encoder) -> None:
     folder = str(tiny_exports[("router", "fp32")])
-    result = _cli("encode", folder, "--task", "positive", "--device", "cpu", stdin="python, sql\nKoch\n")
+    result = _cli(
+        "encode", folder, "--task", "positive", "--device", "cpu", "--precision", "fp32", stdin="python, sql\nKoch\n"
+    )
     assert result.returncode == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [r["text"] for r in rows] == ["python, sql", "Koch"]
@@ -31,7 +33,16 @@ def test_encode_json_lines_match_the_library(tiny_exports: dict, encoder_fp32: E
 def test_encode_to_npy(tiny_exports: dict, encoder_fp32: Encoder, tmp_path: Path) -> None:
     out = tmp_path / "v.npy"
     result = _cli(
-        "encode", str(tiny_exports[("router", "fp32")]), "Chef", "Koch", "--device", "cpu", "--output", str(out)
+        "encode",
+        str(tiny_exports[("router", "fp32")]),
+        "Chef",
+        "Koch",
+        "--device",
+        "cpu",
+        "--precision",
+        "fp32",
+        "-o",
+        str(out),
     )
     assert result.returncode == 0, result.stderr
     np.testing.assert_allclose(np.load(out), encoder_fp32.encode(["Chef", "Koch"]), atol=1e-6)

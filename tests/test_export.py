@@ -12,7 +12,7 @@ import pytest
 from jobbert_onnx.export import ExportValidationError, UnsupportedModelError, export_model
 from jobbert_onnx.export import validate as validate_module
 from jobbert_onnx.export.source import read_model
-from jobbert_onnx.manifest import sha256_file
+from jobbert_onnx.manifest import encoder_file, sha256_file
 
 TINY_LAYERS = 2
 
@@ -23,7 +23,7 @@ def _quiet(_: str) -> None:
 
 @pytest.mark.parametrize("key", [("router", "fp32"), ("router", "fp16"), ("legacy-asym", "fp32")])
 def test_encoder_is_fused(tiny_exports: dict, key: tuple[str, str]) -> None:
-    graph = onnx.load(str(tiny_exports[key] / "encoder.onnx"))
+    graph = onnx.load(str(tiny_exports[key] / encoder_file(key[1])))
     counts: dict[str, int] = {}
     for node in graph.graph.node:
         counts[node.op_type] = counts.get(node.op_type, 0) + 1
@@ -34,7 +34,7 @@ def test_encoder_is_fused(tiny_exports: dict, key: tuple[str, str]) -> None:
 
 
 def test_fp16_stores_half_weights_and_keeps_fp32_interfaces(tiny_exports: dict) -> None:
-    encoder = onnx.load(str(tiny_exports[("router", "fp16")] / "encoder.onnx"))
+    encoder = onnx.load(str(tiny_exports[("router", "fp16")] / encoder_file("fp16")))
     weights = [i for i in encoder.graph.initializer if len(i.dims) == 2]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     assert encoder.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
@@ -44,7 +44,7 @@ def test_fp16_stores_half_weights_and_keeps_fp32_interfaces(tiny_exports: dict) 
 
 
 def test_axes_are_dynamic(tiny_exports: dict) -> None:
-    encoder = onnx.load(str(tiny_exports[("router", "fp32")] / "encoder.onnx"))
+    encoder = onnx.load(str(tiny_exports[("router", "fp32")] / encoder_file("fp32")))
     for value in [*encoder.graph.input, *encoder.graph.output]:
         dims = value.type.tensor_type.shape.dim
         assert dims[0].dim_param and dims[1].dim_param, f"{value.name} has fixed batch/sequence axes"
@@ -53,8 +53,8 @@ def test_axes_are_dynamic(tiny_exports: dict) -> None:
 def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
     folder = tiny_exports[("router", "fp16")]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 1
-    assert manifest["precision"] == "fp16" and manifest["opset"] == 17
+    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 2
+    assert list(manifest["variants"]) == ["fp16", "fp32", "int8"] and manifest["opset"] == 17
     source = manifest["source"]
     assert source["model"] == str(tiny_models["router"]) and source["revision"] is None
     assert source["weights_sha256"]["model.safetensors"] == sha256_file(tiny_models["router"] / "model.safetensors")
@@ -81,17 +81,31 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
     assert arch["layers"] == TINY_LAYERS
     for package in ("torch", "transformers", "onnx", "onnxruntime"):
         assert manifest["versions"][package], package
-    expected_files = {"encoder.onnx", "pooling.onnx", "head_anchor.onnx", "head_positive.onnx", "tokenizer.json"}
+    expected_files = {
+        "encoder.fp16.onnx",
+        "encoder.fp32.onnx",
+        "encoder.int8.onnx",
+        "pooling.onnx",
+        "head_anchor.onnx",
+        "head_positive.onnx",
+        "tokenizer.json",
+    }
     assert set(manifest["files"]) == expected_files
     for name, facts in manifest["files"].items():
         assert facts["sha256"] == sha256_file(folder / name)
         assert facts["size"] == (folder / name).stat().st_size
-    validation = manifest["validation"]
-    assert validation["passed"] and validation["token_ids_match"]
-    assert validation["min_cosine_required"] == 0.999
-    for route in ("anchor", "positive"):
-        assert 0.999 <= validation["heads"][route]["min_cosine"] <= 1.0 + 1e-9
-    assert manifest["fused_nodes"]["Attention"] == TINY_LAYERS
+    assert manifest["validation"]["passed"] and manifest["validation"]["token_ids_match"]
+    required = {"fp16": (0.999, 0.999), "fp32": (0.99999, 0.99999), "int8": (0.97, 0.99)}
+    for name, variant in manifest["variants"].items():
+        validation = variant["validation"]
+        assert variant["file"] == encoder_file(name)
+        assert validation["passed"] and validation["device"] == "cpu"
+        assert (validation["min_cosine_required"], validation["mean_cosine_required"]) == required[name]
+        for route in ("anchor", "positive"):
+            head = validation["heads"][route]
+            assert required[name][0] <= head["min_cosine"] <= head["mean_cosine"] <= 1.0 + 1e-9, (name, route)
+    assert manifest["variants"]["fp16"]["nodes"]["Attention"] == TINY_LAYERS
+    assert manifest["variants"]["int8"]["nodes"]["QAttention"] == TINY_LAYERS
 
 
 def test_legacy_layout_is_read(tiny_models: dict) -> None:
@@ -210,7 +224,16 @@ def test_non_empty_output_is_not_overwritten(tiny_models: dict, tmp_path: Path) 
 def test_failed_validation_leaves_nothing_that_loads(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setitem(validate_module.MIN_COSINE, "fp32", 1.5)  # no export can reach this
-    with pytest.raises(ExportValidationError, match=r"head 'anchor': min cosine .* < 1.5"):
-        export_model(str(tiny_models["router"]), tmp_path / "out", precision="fp32", validate_device="cpu", log=_quiet)
+    monkeypatch.setitem(validate_module.REQUIRED_COSINE, "int8", (0.97, 1.5))  # no export can reach this mean
+    with pytest.raises(ExportValidationError, match=r"int8 head 'anchor': mean cosine .* < 1.5") as failure:
+        export_model(
+            str(tiny_models["router"]), tmp_path / "out", precision="fp32,int8", validate_device="cpu", log=_quiet
+        )
+    assert "fp32" not in str(failure.value), "only the failing variant is named"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_precision_names_the_choices(tiny_models: dict, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="unknown precision int4; choose one or more of: fp16, fp32, int8"):
+        export_model(str(tiny_models["router"]), tmp_path / "out", precision="fp16,int4", log=_quiet)
     assert list(tmp_path.iterdir()) == []

@@ -12,14 +12,16 @@ from conftest import assert_close, parity_texts
 
 from jobbert_onnx import Encoder
 from jobbert_onnx.export.validate import row_cosines as cosines
+from jobbert_onnx.manifest import encoder_file
 
 pytestmark = pytest.mark.fullsize
 
 
 def test_full_size_is_fused_once_per_layer(full_exports: dict[str, Path]) -> None:
     for precision, folder in full_exports.items():
-        ops = [node.op_type for node in onnx.load(str(folder / "encoder.onnx"), load_external_data=False).graph.node]
-        assert ops.count("Attention") == 12, precision
+        graph = onnx.load(str(folder / encoder_file(precision)), load_external_data=False).graph
+        ops = [node.op_type for node in graph.node]
+        assert ops.count("QAttention" if precision == "int8" else "Attention") == 12, precision
         assert ops.count("SkipLayerNormalization") == 24, precision
         assert ops.count("BiasGelu") == 12, precision
         manifest = json.loads((folder / "manifest.json").read_text())
@@ -33,9 +35,13 @@ def test_full_size_matches_sentence_transformers(full_model: Path, full_exports:
 
     texts = parity_texts()
     expected = SentenceTransformer(str(full_model), device="cpu").encode(texts, task=task)
-    fp32 = Encoder.load(full_exports["fp32"], device="cpu").encode(texts, task=task)
+    fp32 = Encoder.load(full_exports["fp32"], device="cpu", precision="fp32").encode(texts, task=task)
     assert_close(fp32, expected, 1e-5, f"full-size fp32 {task}")
-    fp16 = Encoder.load(full_exports["fp16"], device="cpu").encode(texts, task=task)
+    fp16 = Encoder.load(full_exports["fp16"], device="cpu", precision="fp16").encode(texts, task=task)
     cos = cosines(fp16, expected)
     assert cos.min() >= 0.999 and cos.mean() >= 0.9999, f"fp16 {task}: min {cos.min():.6f} mean {cos.mean():.6f}"
     assert np.isfinite(fp16).all()
+    int8 = Encoder.load(full_exports["int8"], device="cpu")
+    assert int8.precision == "int8", "the CPU default is the fastest variant, int8"
+    cos = cosines(int8.encode(texts, task=task), expected)
+    assert cos.min() >= 0.97 and cos.mean() >= 0.99, f"int8 {task}: min {cos.min():.6f} mean {cos.mean():.6f}"

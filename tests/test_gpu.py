@@ -26,6 +26,7 @@ def cuda_ready() -> None:
 
 def _parity_on_cuda(export: Path, reference: np.ndarray, texts: list[str], task: str) -> np.ndarray:
     encoder = Encoder.load(export, device="cuda")
+    assert encoder.precision == "fp16", "fp16 is the CUDA default"
     assert encoder.chain.encoder.get_providers()[0] == "CUDAExecutionProvider"
     got = encoder.encode(texts, task=task)
     cos = cosines(got, reference)

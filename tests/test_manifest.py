@@ -34,7 +34,7 @@ def test_newer_schema_is_refused(export_copy: Path) -> None:
     data["schema_version"] = 99
     path.write_text(json.dumps(data))
     with pytest.raises(
-        ManifestError, match="uses manifest schema 99; this jobbert-onnx reads schema 1 at most: upgrade"
+        ManifestError, match="uses manifest schema 99; this jobbert-onnx reads schema 2 at most: upgrade"
     ):
         Encoder.load(export_copy, device="cpu")
 
@@ -46,9 +46,9 @@ def test_missing_file_is_named(export_copy: Path) -> None:
 
 
 def test_truncated_file_is_named(export_copy: Path) -> None:
-    path = export_copy / "encoder.onnx"
+    path = export_copy / "encoder.int8.onnx"
     path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ManifestError, match="encoder.onnx has 1000 bytes but the manifest records"):
+    with pytest.raises(ManifestError, match=r"encoder\.int8\.onnx has 1000 bytes but the manifest records"):
         Encoder.load(export_copy, device="cpu")
 
 

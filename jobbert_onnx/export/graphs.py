@@ -2,14 +2,17 @@
 
 The encoder is traced from the transformers model with eager attention (the
 form onnxruntime's transformer optimizer recognises), then fused (Attention,
-SkipLayerNormalization, BiasGelu) and, for fp16, converted to half precision
-with fp32 inputs and outputs. Pooling and the heads are small enough to write
+SkipLayerNormalization, BiasGelu), and written in each requested precision:
+fp32, fp16 (for GPUs, with fp32 inputs and outputs) and int8 (dynamic
+quantization, for CPUs). Pooling and the heads are small enough to write
 directly; they stay in fp32 in every precision, so the masked sum, the division
 by the token count, and the Dense + Tanh keep full precision.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -20,10 +23,16 @@ from onnx import TensorProto, helper, numpy_helper
 
 from jobbert_onnx.export.hf import load_encoder
 from jobbert_onnx.export.source import HeadSpec, ModelSpec
-from jobbert_onnx.manifest import ATTENTION_MASK, EMBEDDING, INPUT_IDS, SENTENCE_EMBEDDING, TOKEN_EMBEDDINGS
+from jobbert_onnx.manifest import (
+    ATTENTION_MASK,
+    EMBEDDING,
+    INPUT_IDS,
+    PRECISIONS,
+    SENTENCE_EMBEDDING,
+    TOKEN_EMBEDDINGS,
+)
 
 OPSET = 17
-PRECISIONS = ("fp16", "fp32")
 ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK)
 
 
@@ -62,14 +71,8 @@ def export_encoder(spec: ModelSpec, path: Path) -> None:
         )
 
 
-def optimize_encoder(raw: Path, out: Path, spec: ModelSpec, precision: str) -> dict[str, int]:
-    """Fuse the traced encoder with onnxruntime's transformer optimizer; convert to fp16 if asked.
-
-    Returns:
-        Counts of the fused node types in the written graph.
-    """
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
+def fuse_encoder(raw: Path, out: Path, spec: ModelSpec) -> None:
+    """Fuse the traced fp32 encoder with onnxruntime's transformer optimizer (still fp32)."""
     from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
@@ -86,10 +89,53 @@ def optimize_encoder(raw: Path, out: Path, spec: ModelSpec, precision: str) -> d
             optimization_options=options,
             opt_level=0,
         )
-        if precision == "fp16":
-            # Inputs stay int64 and the output fp32, so pooling and heads run in fp32.
-            model.convert_float_to_float16(keep_io_types=True)
     model.save_model_to_file(str(out))
+
+
+def write_variant(fused: Path, out: Path, precision: str) -> dict[str, int]:
+    """Write the encoder in one precision from the fused fp32 graph.
+
+    - fp32: the fused graph as it is.
+    - fp16: weights and activations in half precision; the inputs stay int64 and
+      the output fp32, so pooling and heads run in fp32.
+    - int8: dynamic quantization for the CPU: per-channel int8 weights for every
+      MatMul and the fused Attention (which becomes QAttention), activations
+      quantized per batch at run time, and the word-embedding table stored as
+      int8 (a quarter of the size, dequantized on lookup).
+
+    Returns:
+        Counts of the fused and quantized node types in the written graph.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if precision == "fp32":
+            shutil.copyfile(fused, out)
+        elif precision == "fp16":
+            from onnxruntime.transformers.onnx_model import OnnxModel
+
+            model = OnnxModel(onnx.load(str(fused)))
+            model.convert_float_to_float16(keep_io_types=True)
+            model.save_model_to_file(str(out))
+        else:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            # The quantizer logs a generic pre-processing hint on the root logger; the
+            # graph is already optimized, so the hint does not apply.
+            logging.disable(logging.WARNING)
+            try:
+                quantize_dynamic(
+                    str(fused),
+                    str(out),
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    op_types_to_quantize=["MatMul", "Attention", "Gather"],
+                    # The fused contrib ops carry no type information for shape inference.
+                    extra_options={"DefaultTensorType": TensorProto.FLOAT},
+                )
+            finally:
+                logging.disable(logging.NOTSET)
     return fused_node_counts(onnx.load(str(out), load_external_data=False))
 
 
@@ -104,6 +150,9 @@ def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:
         "Gelu",
         "FastGelu",
         "LayerNormalization",
+        "QAttention",
+        "MatMulInteger",
+        "DynamicQuantizeLinear",
     )
     return {name: counts[name] for name in fused if counts[name]}
 

@@ -8,7 +8,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -20,15 +20,19 @@ from jobbert_onnx.export.source import ModelSpec, read_model
 from jobbert_onnx.export.tokenizer import write_tokenizer
 from jobbert_onnx.export.validate import ExportValidationError, describe_failure, validate_export
 from jobbert_onnx.manifest import (
-    ENCODER_FILE,
     FORMAT_NAME,
     MANIFEST_NAME,
     POOLING_FILE,
+    PRECISIONS,
     SCHEMA_VERSION,
     TOKENIZER_FILE,
+    encoder_file,
     head_file,
     sha256_file,
 )
+
+# fp16 for GPUs and int8 for CPUs: the fastest variant on each.
+DEFAULT_PRECISIONS = ("fp16", "int8")
 
 
 def _version(package: str) -> str | None:
@@ -84,11 +88,23 @@ def _prepare_output(output: Path, overwrite: bool) -> None:
             )
 
 
+def parse_precisions(precision: str | Sequence[str]) -> tuple[str, ...]:
+    """``"fp16,int8"`` or ``["fp16", "int8"]`` -> ``("fp16", "int8")``, checked and without repeats."""
+    names = precision.split(",") if isinstance(precision, str) else list(precision)
+    chosen = tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
+    unknown = [name for name in chosen if name not in PRECISIONS]
+    if unknown or not chosen:
+        raise ValueError(
+            f"unknown precision {', '.join(unknown) or repr(precision)}; choose one or more of: {', '.join(PRECISIONS)}"
+        )
+    return chosen
+
+
 def export_model(
     source: str,
     output_dir: str | Path,
     revision: str | None = None,
-    precision: str = "fp16",
+    precision: str | Sequence[str] = DEFAULT_PRECISIONS,
     overwrite: bool = False,
     validate_device: str = "auto",
     log: Callable[[str], None] = print,
@@ -103,7 +119,8 @@ def export_model(
         source: Hub id (e.g. ``TechWolf/JobBERT-v3``) or a local sentence-transformers folder.
         output_dir: Folder to write.
         revision: Branch, tag or commit, for hub ids.
-        precision: ``"fp16"`` (encoder in half precision, for GPUs) or ``"fp32"``.
+        precision: Encoder variants to write, e.g. ``"fp16,int8"`` or ``["fp32"]``: ``fp16``
+            (half precision, for GPUs), ``fp32``, ``int8`` (dynamic quantization, for CPUs).
         overwrite: Replace an existing export in `output_dir`.
         validate_device: Where the new graphs run for validation (``auto``, ``cuda``, ``cpu``).
         log: Receives one line per step.
@@ -115,8 +132,7 @@ def export_model(
         UnsupportedModelError: The source is not JobBERT-v3-shaped.
         ExportValidationError: The graphs do not match PyTorch closely enough.
     """
-    if precision not in graphs.PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose one of: {', '.join(graphs.PRECISIONS)}")
+    precisions = parse_precisions(precision)
     output = Path(output_dir).expanduser().resolve()
     _prepare_output(output, overwrite)
     started = time.perf_counter()
@@ -126,13 +142,16 @@ def export_model(
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
-        raw = Path(tempfile.mkdtemp(prefix="jobbert-onnx-trace-")) / "encoder.raw.onnx"
+        trace = Path(tempfile.mkdtemp(prefix="jobbert-onnx-trace-"))
+        nodes = {}
         try:
-            graphs.export_encoder(spec, raw)
-            fused = graphs.optimize_encoder(raw, work / ENCODER_FILE, spec, precision)
+            graphs.export_encoder(spec, trace / "encoder.raw.onnx")
+            graphs.fuse_encoder(trace / "encoder.raw.onnx", trace / "encoder.fused.onnx", spec)
+            for name in precisions:
+                nodes[name] = graphs.write_variant(trace / "encoder.fused.onnx", work / encoder_file(name), name)
+                log(f"encoder {name}: {nodes[name]}")
         finally:
-            shutil.rmtree(raw.parent, ignore_errors=True)
-        log(f"encoder: {precision}, fused {fused}")
+            shutil.rmtree(trace, ignore_errors=True)
         graphs.write_pooling(work / POOLING_FILE, spec.hidden_size)
         for route, head in spec.heads.items():
             graphs.write_head(work / head_file(route), head)
@@ -149,9 +168,10 @@ def export_model(
                 "weights_sha256": spec.weight_hashes(),
             },
             "architecture": _architecture(spec),
-            "precision": precision,
+            "variants": {
+                name: {"file": encoder_file(name), "nodes": nodes[name], "validation": None} for name in precisions
+            },
             "opset": graphs.OPSET,
-            "fused_nodes": fused,
             "versions": _versions(),
             "files": {
                 path.name: {"sha256": sha256_file(path), "size": path.stat().st_size} for path in sorted(work.iterdir())
@@ -161,12 +181,18 @@ def export_model(
         _write_manifest(work, manifest)
 
         log("validating against the PyTorch model ...")
-        figures = validate_export(work, TorchReference(spec), samples.validation_sample(), precision, validate_device)
+        figures = validate_export(work, TorchReference(spec), samples.validation_sample(), validate_device)
+        for name, variant in figures.pop("variants").items():
+            manifest["variants"][name]["validation"] = variant
+            for route, head in variant["heads"].items():
+                log(
+                    f"  {name} {route}: min cosine {head['min_cosine']:.7f}, "
+                    f"mean {head['mean_cosine']:.7f} ({variant['device']})"
+                )
         manifest["validation"] = figures
         _write_manifest(work, manifest)
-        for route, head in figures["heads"].items():
-            log(f"  {route}: min cosine {head['min_cosine']:.7f}, mean {head['mean_cosine']:.7f} ({figures['device']})")
         if not figures["passed"]:
+            figures["variants"] = {name: manifest["variants"][name]["validation"] for name in precisions}
             raise ExportValidationError(f"the exported graphs do not match PyTorch: {describe_failure(figures)}")
 
         if output.exists():

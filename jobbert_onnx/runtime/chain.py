@@ -4,9 +4,20 @@ Each stage's output stays where the graphs run (GPU memory on CUDA) and is
 bound as the next stage's input; only the head's [batch, dim] result is copied
 to the host. On the CPU the same chain runs in host memory, so the tests on
 CPU-only machines exercise the same binding code as the GPU.
+
+With `reuse_buffers` (the default on CUDA) every batch shape gets its own set
+of device buffers, allocated once and updated in place; the inputs are copied
+into them and nothing else is allocated per batch. That is also what CUDA
+graphs need: a captured graph replays on the same addresses, so with
+`cuda_graphs` each (rows, length) shape is captured once under its own
+``gpu_graph_id`` and replayed after.
 """
 
 from __future__ import annotations
+
+import threading
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
@@ -14,40 +25,77 @@ import onnxruntime as ort
 from jobbert_onnx.manifest import (
     ATTENTION_MASK,
     EMBEDDING,
-    ENCODER_FILE,
     INPUT_IDS,
     POOLING_FILE,
     SENTENCE_EMBEDDING,
     TOKEN_EMBEDDINGS,
     Manifest,
+    Variant,
     head_file,
 )
 from jobbert_onnx.runtime.sessions import Device, create_session
 from jobbert_onnx.runtime.tokenize import Batch
 
 
-class GraphChain:
-    """The four sessions of one export on one device."""
+@dataclass
+class _ShapeBuffers:
+    """Device buffers and IO bindings for one (rows, length) batch shape."""
 
-    def __init__(self, manifest: Manifest, device: Device, threads: int | None = None) -> None:
+    input_ids: ort.OrtValue
+    attention_mask: ort.OrtValue
+    bindings: dict[str, ort.IOBinding] = field(default_factory=dict)
+
+
+class GraphChain:
+    """The sessions of one export variant on one device."""
+
+    def __init__(
+        self,
+        manifest: Manifest,
+        variant: Variant,
+        device: Device,
+        threads: int | None = None,
+        *,
+        reuse_buffers: bool | None = None,
+        cuda_graphs: bool = False,
+    ) -> None:
+        if cuda_graphs and device.kind != "cuda":
+            raise ValueError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
         self.device = device
+        self.variant = variant
+        self.hidden_size = manifest.hidden_size
+        self.output_dim = manifest.output_dim
+        self.cuda_graphs = cuda_graphs
+        self.reuse_buffers = cuda_graphs or (device.kind == "cuda" if reuse_buffers is None else reuse_buffers)
         self._memory = ("cuda", device.index) if device.kind == "cuda" else ("cpu", 0)
-        self.encoder = create_session(manifest.path(ENCODER_FILE), device, threads)
-        self.pooling = create_session(manifest.path(POOLING_FILE), device, threads)
-        self.heads = {
-            route: create_session(manifest.path(head_file(route)), device, threads) for route in manifest.routes
-        }
-        _expect(self.encoder, [INPUT_IDS, ATTENTION_MASK], [TOKEN_EMBEDDINGS], ENCODER_FILE)
+
+        def session(name: str) -> ort.InferenceSession:
+            return create_session(manifest.path(name), device, threads, cuda_graphs=cuda_graphs)
+
+        self.encoder = session(variant.file)
+        self.pooling = session(POOLING_FILE)
+        self.heads = {route: session(head_file(route)) for route in manifest.routes}
+        _expect(self.encoder, [INPUT_IDS, ATTENTION_MASK], [TOKEN_EMBEDDINGS], variant.file)
         _expect(self.pooling, [TOKEN_EMBEDDINGS, ATTENTION_MASK], [SENTENCE_EMBEDDING], POOLING_FILE)
-        for route, session in self.heads.items():
-            _expect(session, [SENTENCE_EMBEDDING], [EMBEDDING], head_file(route))
+        for route, head in self.heads.items():
+            _expect(head, [SENTENCE_EMBEDDING], [EMBEDDING], head_file(route))
+
+        # Buffers are per thread, so concurrent `run`s never share them; CUDA graphs
+        # replay fixed addresses, so with them there is one set, used under a lock.
+        self._local = threading.local()
+        self._shared: dict[tuple[int, int], _ShapeBuffers] = {}
+        self._graph_ids: dict[tuple[int, int], int] = {}
+        self._lock: AbstractContextManager[object] = threading.Lock() if cuda_graphs else nullcontext()
 
     def run(self, batch: Batch, route: str) -> np.ndarray:
         """Vectors [batch, dim] (float32, host memory) for one padded batch."""
+        if self.reuse_buffers:
+            with self._lock:
+                return self._run_reusing(batch, route)
         return self.stages(batch, route)[EMBEDDING].numpy()
 
     def stages(self, batch: Batch, route: str) -> dict[str, ort.OrtValue]:
-        """Run the chain and return every stage's output, keyed by graph output name.
+        """Run the chain with fresh buffers and return every stage's output, keyed by graph output name.
 
         Token and sentence embeddings stay in the device's memory; only the
         head's output is in host memory.
@@ -71,6 +119,57 @@ class GraphChain:
         session.run_with_iobinding(binding)
         result: ort.OrtValue = binding.get_outputs()[0]
         return result
+
+    def _run_reusing(self, batch: Batch, route: str) -> np.ndarray:
+        shape = (int(batch.input_ids.shape[0]), int(batch.input_ids.shape[1]))
+        buffers = self._buffers(shape)
+        buffers.input_ids.update_inplace(batch.input_ids)
+        buffers.attention_mask.update_inplace(batch.attention_mask)
+        options = None
+        if self.cuda_graphs:
+            options = ort.RunOptions()
+            graph_id = self._graph_ids.setdefault(shape, len(self._graph_ids) + 1)
+            options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        for stage, session in (("encoder", self.encoder), ("pooling", self.pooling), ("head", self.heads[route])):
+            session.run_with_iobinding(self._binding(buffers, shape, stage, route), options)
+        return np.asarray(self._binding(buffers, shape, "head", route).get_outputs()[0].numpy())
+
+    def _buffers(self, shape: tuple[int, int]) -> _ShapeBuffers:
+        table = self._shared if self.cuda_graphs else self._local.__dict__.setdefault("buffers", {})
+        if shape not in table:
+            table[shape] = _ShapeBuffers(self._device_value(shape, np.int64), self._device_value(shape, np.int64))
+        buffers: _ShapeBuffers = table[shape]
+        return buffers
+
+    def _binding(self, buffers: _ShapeBuffers, shape: tuple[int, int], stage: str, route: str) -> ort.IOBinding:
+        """The IO binding of one stage (encoder, pooling, head) for one shape, made on first use."""
+        key = f"head:{route}" if stage == "head" else stage
+        if key in buffers.bindings:
+            return buffers.bindings[key]
+        rows, width = shape
+        if stage == "encoder":
+            binding = self.encoder.io_binding()
+            binding.bind_ortvalue_input(INPUT_IDS, buffers.input_ids)
+            binding.bind_ortvalue_input(ATTENTION_MASK, buffers.attention_mask)
+            tokens = self._device_value((rows, width, self.hidden_size), np.float32)
+            binding.bind_ortvalue_output(TOKEN_EMBEDDINGS, tokens)
+        elif stage == "pooling":
+            binding = self.pooling.io_binding()
+            tokens = self._binding(buffers, shape, "encoder", route).get_outputs()[0]
+            binding.bind_ortvalue_input(TOKEN_EMBEDDINGS, tokens)
+            binding.bind_ortvalue_input(ATTENTION_MASK, buffers.attention_mask)
+            binding.bind_ortvalue_output(SENTENCE_EMBEDDING, self._device_value((rows, self.hidden_size), np.float32))
+        else:
+            binding = self.heads[route].io_binding()
+            pooled = self._binding(buffers, shape, "pooling", route).get_outputs()[0]
+            binding.bind_ortvalue_input(SENTENCE_EMBEDDING, pooled)
+            binding.bind_ortvalue_output(EMBEDDING, self._device_value((rows, self.output_dim), np.float32))
+        buffers.bindings[key] = binding
+        return binding
+
+    def _device_value(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+        kind, index = self._memory
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, kind, index)
 
 
 def _expect(session: ort.InferenceSession, inputs: list[str], outputs: list[str], name: str) -> None:

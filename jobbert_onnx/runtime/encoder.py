@@ -2,16 +2,39 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, read_manifest
+from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, read_manifest
+from jobbert_onnx.runtime.batching import check_buckets, plan_batches
 from jobbert_onnx.runtime.chain import GraphChain
+from jobbert_onnx.runtime.prefetch import prefetch
 from jobbert_onnx.runtime.progress import Progress
 from jobbert_onnx.runtime.sessions import Device, choose_device
-from jobbert_onnx.runtime.tokenize import TextTokenizer
+from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer
+
+# Texts tokenized together; batches are formed (longest first) within such a chunk.
+TOKENIZE_CHUNK = 8192
+# Padded lengths on CUDA: few shapes for the kernels and CUDA graphs, little padding for titles.
+CUDA_BUCKETS = (8, 16, 32, 64)
+
+
+@dataclass(frozen=True)
+class Scheduling:
+    """How texts become batches on the loaded device (defaults depend on the device).
+
+    Attributes:
+        buckets: Padded sequence lengths, or None to pad each batch to its longest row.
+        token_budget: Most padded tokens per batch, or None for `batch_size` rows.
+        overlap: Tokenize and pad the next batches in a thread while the current one runs.
+    """
+
+    buckets: tuple[int, ...] | None
+    token_budget: int | None
+    overlap: bool
 
 
 def check_texts(sentences: object) -> tuple[list[str], bool]:
@@ -44,29 +67,69 @@ class Encoder:
     allow concurrent runs, and every call binds its own inputs and outputs.
     """
 
-    def __init__(self, manifest: Manifest, device: Device, threads: int | None = None) -> None:
+    def __init__(self, manifest: Manifest, chain: GraphChain, scheduling: Scheduling) -> None:
         self.manifest = manifest
-        self.device = device
+        self.chain = chain
+        self.device: Device = chain.device
+        self.variant: Variant = chain.variant
+        self.scheduling = scheduling
         self.tokenizer = TextTokenizer(manifest.path(TOKENIZER_FILE), manifest.max_seq_length)
-        self.chain = GraphChain(manifest, device, threads)
 
     @classmethod
-    def load(cls, path: str | Path, device: str = "auto", threads: int | None = None) -> Encoder:
+    def load(
+        cls,
+        path: str | Path,
+        device: str = "auto",
+        precision: str | None = None,
+        threads: int | None = None,
+        *,
+        buckets: Sequence[int] | str | None = "auto",
+        token_budget: int | None = None,
+        overlap: bool | None = None,
+        reuse_buffers: bool | None = None,
+        cuda_graphs: bool = False,
+    ) -> Encoder:
         """Load an export folder written by `jobbert-onnx export`.
 
         Args:
             path: The export folder.
             device: ``"auto"`` (CUDA when it really loads, else the CPU, with a
                 warning), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
-            threads: onnxruntime intra-op threads per graph (default: onnxruntime's choice).
+            precision: Encoder variant (``fp16``, ``fp32``, ``int8``); default: fp16 on
+                CUDA, and on the CPU the fastest the export holds (int8, then fp32).
+            threads: onnxruntime intra-op threads per graph (default: one per core).
+            buckets: Padded sequence lengths; ``"auto"``: (8, 16, 32, 64) on CUDA, none on
+                the CPU (where every padded token costs time).
+            token_budget: Most padded tokens per batch (default: no cap beyond `batch_size`).
+            overlap: Tokenize ahead in a thread (default: on for CUDA, off on the CPU,
+                where the thread would take a core from the graphs).
+            reuse_buffers: Allocate device buffers once per batch shape (default: on for CUDA).
+            cuda_graphs: Capture one CUDA graph per batch shape and replay it; pads every
+                batch of a bucket to the same row count. CUDA only.
 
         Raises:
-            ManifestError: The folder is not a complete export.
+            ManifestError: The folder is not a complete export, or lacks `precision`.
             DeviceError: ``device="cuda"`` and CUDA cannot be used here.
         """
         manifest = read_manifest(path)
         resolved = choose_device(device, manifest.path(POOLING_FILE))
-        return cls(manifest, resolved, threads)
+        variant = manifest.choose_variant(resolved.kind, precision)
+        on_cuda = resolved.kind == "cuda"
+        if isinstance(buckets, str):
+            if buckets != "auto":
+                raise ValueError(f"buckets must be 'auto', None or a list of lengths; got {buckets!r}")
+            buckets = CUDA_BUCKETS if on_cuda or cuda_graphs else None
+        if cuda_graphs and buckets is None:
+            raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets='auto'")
+        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
+            raise ValueError(f"token_budget must be a positive integer or None; got {token_budget!r}")
+        scheduling = Scheduling(
+            buckets=None if buckets is None else check_buckets(buckets, manifest.max_seq_length),
+            token_budget=token_budget,
+            overlap=on_cuda if overlap is None else bool(overlap),
+        )
+        chain = GraphChain(manifest, variant, resolved, threads, reuse_buffers=reuse_buffers, cuda_graphs=cuda_graphs)
+        return cls(manifest, chain, scheduling)
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -84,7 +147,8 @@ class Encoder:
 
     @property
     def precision(self) -> str:
-        return self.manifest.precision
+        """The encoder variant in use: ``fp16``, ``fp32`` or ``int8``."""
+        return self.variant.precision
 
     def get_sentence_embedding_dimension(self) -> int:
         """Size of the vectors (1024 for JobBERT-v3), as in sentence-transformers."""
@@ -155,13 +219,12 @@ class Encoder:
             texts = [prompt + text for text in texts]
 
         out = np.empty((len(texts), self.get_sentence_embedding_dimension()), dtype=np.float32)
-        tokenized = self.tokenizer.tokenize(texts)
-        # Longest first, as sentence-transformers does, so padding within a batch is small.
-        order = np.argsort(-tokenized.lengths, kind="stable")
+        batches = self._batches(texts, batch_size)
+        if self.scheduling.overlap:
+            batches = prefetch(batches)
         progress = Progress(len(texts), bool(show_progress_bar))
-        for start in range(0, len(texts), batch_size):
-            rows = order[start : start + batch_size]
-            out[rows] = self.chain.run(self.tokenizer.pad(tokenized, rows), route)
+        for rows, batch in batches:
+            out[rows] = self.chain.run(batch, route)[: len(rows)]
             progress.update(len(rows))
         progress.close()
 
@@ -171,6 +234,21 @@ class Encoder:
             norms = np.linalg.norm(out, axis=1, keepdims=True)
             out /= np.maximum(norms, 1e-12)
         return out[0] if single else out
+
+    def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
+        """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it."""
+        schedule = self.scheduling
+        for offset in range(0, len(texts), TOKENIZE_CHUNK):
+            tokenized = self.tokenizer.tokenize(texts[offset : offset + TOKENIZE_CHUNK])
+            plans = plan_batches(
+                tokenized.lengths,
+                batch_size,
+                schedule.buckets,
+                schedule.token_budget,
+                fixed_height=self.chain.cuda_graphs,
+            )
+            for plan in plans:
+                yield plan.rows + offset, self.tokenizer.pad(tokenized, plan.rows, plan.width, plan.height)
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -36,10 +36,12 @@ class Device:
     kind: str
     index: int = 0
 
-    @property
-    def providers(self) -> list[str | tuple[str, dict[str, str]]]:
+    def providers(self, cuda_graphs: bool = False) -> list[str | tuple[str, dict[str, str]]]:
         if self.kind == "cuda":
-            return [(CUDA, {"device_id": str(self.index)}), CPU]
+            options = {"device_id": str(self.index)}
+            if cuda_graphs:
+                options["enable_cuda_graph"] = "1"
+            return [(CUDA, options), CPU]
         return [CPU]
 
     def __str__(self) -> str:
@@ -80,22 +82,37 @@ def _cuda_blocker() -> str | None:
     return None
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """Options for every session.
+
+    Spinning is off by default: the graphs run one after another, and a
+    finished session's threads spinning for more work steal the cores the
+    next session needs. On two cores that more than halved throughput
+    (titles, int8: 202 texts/s with spinning, 356 without; see benchmarks/RESULTS.md).
+    """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
     return options
 
 
-def create_session(path: Path, device: Device, threads: int | None = None) -> ort.InferenceSession:
+def create_session(
+    path: Path,
+    device: Device,
+    threads: int | None = None,
+    spinning: bool = False,
+    cuda_graphs: bool = False,
+) -> ort.InferenceSession:
     """Build a session for one graph on `device`, and prove it runs there.
 
     Raises:
         DeviceError: CUDA was asked for and the session did not get it.
     """
-    session = ort.InferenceSession(str(path), _options(threads), providers=device.providers)
+    options = session_options(threads, spinning)
+    session = ort.InferenceSession(str(path), options, providers=device.providers(cuda_graphs))
     if device.kind == "cuda" and session.get_providers()[0] != CUDA:
         raise DeviceError(
             f"onnxruntime-gpu {ort.__version__} is installed but the CUDA provider did not load for {path.name} "

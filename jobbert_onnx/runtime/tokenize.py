@@ -56,11 +56,20 @@ class TextTokenizer:
         lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
         return Tokenized(ids=ids, lengths=lengths)
 
-    def pad(self, tokenized: Tokenized, rows: np.ndarray) -> Batch:
-        """Pad the chosen rows on the right to the longest of them."""
-        lengths = tokenized.lengths[rows]
-        width = int(lengths.max()) if len(rows) else 0
-        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
+    def pad(self, tokenized: Tokenized, rows: np.ndarray, width: int | None = None, height: int | None = None) -> Batch:
+        """Pad the chosen rows on the right.
+
+        Args:
+            tokenized: Output of `tokenize`.
+            rows: Which of its rows, in batch order.
+            width: Padded length (default: the longest chosen row).
+            height: Rows in the batch (default: len(rows)); extra rows are all
+                padding, with an all-zero mask.
+        """
+        lengths = np.zeros(height if height is not None else len(rows), dtype=np.int64)
+        lengths[: len(rows)] = tokenized.lengths[rows]
+        width = int(lengths.max(initial=0)) if width is None else width
+        input_ids = np.full((len(lengths), width), self.pad_id, dtype=np.int64)
         for out_row, row in enumerate(rows):
             input_ids[out_row, : lengths[out_row]] = tokenized.ids[row]
         attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)

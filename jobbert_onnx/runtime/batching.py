@@ -1,0 +1,70 @@
+"""Token lengths -> batch plans: which rows go together, and the padded shape of each batch.
+
+Rows are taken longest first, so each batch holds texts of similar length. With
+`buckets`, a batch's sequence length is rounded up to the next bucket, which
+keeps the set of shapes small (what CUDA graphs and the GPU kernels' caches
+want); batches never cross a bucket, so short titles are not padded to the
+length of skill lists. A `token_budget` caps rows x length, so a batch of short
+titles can hold more rows than one of 64-token skill lists.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """One batch: the input rows it holds, and the shape it is padded to."""
+
+    rows: np.ndarray
+    width: int
+    height: int
+
+
+def check_buckets(buckets: Sequence[int], max_seq_length: int) -> tuple[int, ...]:
+    """Sorted, distinct bucket lengths, the last of them covering `max_seq_length`."""
+    chosen = tuple(sorted({int(b) for b in buckets}))
+    if not chosen or chosen[0] < 1 or any(isinstance(b, bool) for b in buckets):
+        raise ValueError(f"buckets must be positive sequence lengths, e.g. (16, 32, 64); got {list(buckets)}")
+    if chosen[-1] < max_seq_length:
+        chosen = (*chosen, max_seq_length)
+    return tuple(b for b in chosen if b <= max_seq_length)
+
+
+def plan_batches(
+    lengths: np.ndarray,
+    batch_size: int,
+    buckets: tuple[int, ...] | None = None,
+    token_budget: int | None = None,
+    fixed_height: bool = False,
+) -> list[BatchPlan]:
+    """Group rows into batches, longest first.
+
+    Args:
+        lengths: Token count of every row.
+        batch_size: Most rows in one batch.
+        buckets: Allowed padded lengths (from `check_buckets`), or None to pad
+            each batch to its own longest row.
+        token_budget: Most padded tokens (rows x length) in one batch, or None.
+        fixed_height: Pad every batch of a bucket to that bucket's full row count
+            with all-padding rows, so each bucket has a single shape.
+    """
+    order = np.argsort(-lengths, kind="stable")
+    widths = lengths[order] if buckets is None else np.asarray(buckets)[np.searchsorted(buckets, lengths[order])]
+    plans: list[BatchPlan] = []
+    start = 0
+    while start < len(order):
+        width = max(int(widths[start]), 1)
+        capacity = batch_size if token_budget is None else max(1, min(batch_size, token_budget // width))
+        stop = min(start + capacity, len(order))
+        if buckets is not None:
+            # Stay within the bucket: the next rows may belong to a shorter one.
+            stop = start + int(np.searchsorted(-widths[start:stop], -width, side="right"))
+        height = capacity if fixed_height else stop - start
+        plans.append(BatchPlan(rows=order[start:stop], width=width, height=height))
+        start = stop
+    return plans

@@ -7,10 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -x .venv/bin/jobbert-onnx ] || scripts/setup.sh
-precision=fp32
-if command -v nvidia-smi >/dev/null && nvidia-smi -L >/dev/null 2>&1; then precision=fp16; fi
 [ -f models/jobbert-v3-random/modules.json ] || .venv/bin/jobbert-onnx random-model models/jobbert-v3-random --size full
-.venv/bin/jobbert-onnx export models/jobbert-v3-random models/jobbert-v3-onnx --precision "$precision" --overwrite
+.venv/bin/jobbert-onnx export models/jobbert-v3-random models/jobbert-v3-onnx --overwrite   # fp16 (GPU) + int8 (CPU)
 .venv/bin/python - <<'PY'
 from jobbert_onnx import Encoder
 

@@ -78,6 +78,9 @@ def test_plans_with_buckets_and_token_budget() -> None:
         assert len(plan.rows) * plan.width <= 1024
         smaller = [b for b in buckets if b < plan.width]
         assert not smaller or lengths[plan.rows].max() > smaller[-1], "a batch sits in the smallest bucket it fits"
+    tight = plan_batches(lengths, 256, buckets, token_budget=1024, pad_to_bucket=False)
+    assert [p.rows.tolist() for p in tight] == [p.rows.tolist() for p in plans]
+    assert all(p.width == lengths[p.rows].max() for p in tight)
     fixed = plan_batches(lengths, 256, buckets, token_budget=1024, fixed_height=True)
     _check_plans(lengths, fixed, 256)
     assert {(p.height, p.width) for p in fixed} == {(1024 // b, b) for b in buckets if (lengths <= b).any()}
@@ -102,10 +105,11 @@ def test_extra_padding_rows_do_not_change_real_rows(encoder_fp32: Encoder) -> No
 @pytest.mark.parametrize(
     "options",
     [
-        {"buckets": (8, 16, 32, 64)},
+        {"buckets": None},
+        {"buckets": (8, 16, 32, 64), "pad_to_bucket": True},
         {"buckets": (16, 64), "token_budget": 200},
         {"reuse_buffers": True},
-        {"overlap": True, "buckets": (8, 16, 32, 64), "reuse_buffers": True},
+        {"overlap": True, "pad_to_bucket": True, "reuse_buffers": True},
     ],
 )
 def test_scheduling_options_give_the_same_vectors(

@@ -1,11 +1,12 @@
 """Token lengths -> batch plans: which rows go together, and the padded shape of each batch.
 
 Rows are taken longest first, so each batch holds texts of similar length. With
-`buckets`, a batch's sequence length is rounded up to the next bucket, which
-keeps the set of shapes small (what CUDA graphs and the GPU kernels' caches
-want); batches never cross a bucket, so short titles are not padded to the
-length of skill lists. A `token_budget` caps rows x length, so a batch of short
-titles can hold more rows than one of 64-token skill lists.
+`buckets`, batches never cross a bucket, so short titles are not padded to the
+length of longer texts however large the batch; with `pad_to_bucket` (CUDA) a
+batch's sequence length is also rounded up to its bucket, which keeps the set
+of shapes small (what CUDA graphs and the GPU kernels' caches want). A
+`token_budget` caps rows x length, so a batch of short titles can hold more
+rows than one of 64-token skill lists.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ def plan_batches(
     buckets: tuple[int, ...] | None = None,
     token_budget: int | None = None,
     fixed_height: bool = False,
+    pad_to_bucket: bool = True,
 ) -> list[BatchPlan]:
     """Group rows into batches, longest first.
 
@@ -52,6 +54,7 @@ def plan_batches(
         token_budget: Most padded tokens (rows x length) in one batch, or None.
         fixed_height: Pad every batch of a bucket to that bucket's full row count
             with all-padding rows, so each bucket has a single shape.
+        pad_to_bucket: Pad to the bucket's length rather than the batch's longest row.
     """
     order = np.argsort(-lengths, kind="stable")
     widths = lengths[order] if buckets is None else np.asarray(buckets)[np.searchsorted(buckets, lengths[order])]
@@ -65,6 +68,9 @@ def plan_batches(
             # Stay within the bucket: the next rows may belong to a shorter one.
             stop = start + int(np.searchsorted(-widths[start:stop], -width, side="right"))
         height = capacity if fixed_height else stop - start
-        plans.append(BatchPlan(rows=order[start:stop], width=width, height=height))
+        rows = order[start:stop]
+        if buckets is not None and not pad_to_bucket:
+            width = max(int(lengths[rows].max()), 1)
+        plans.append(BatchPlan(rows=rows, width=width, height=height))
         start = stop
     return plans

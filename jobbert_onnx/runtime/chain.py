@@ -58,6 +58,7 @@ class GraphChain:
         *,
         reuse_buffers: bool | None = None,
         cuda_graphs: bool = False,
+        spinning: bool = False,
     ) -> None:
         if cuda_graphs and device.kind != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
@@ -70,7 +71,7 @@ class GraphChain:
         self._memory = ("cuda", device.index) if device.kind == "cuda" else ("cpu", 0)
 
         def session(name: str) -> ort.InferenceSession:
-            return create_session(manifest.path(name), device, threads, cuda_graphs=cuda_graphs)
+            return create_session(manifest.path(name), device, threads, spinning=spinning, cuda_graphs=cuda_graphs)
 
         self.encoder = session(variant.file)
         self.pooling = session(POOLING_FILE)

@@ -18,8 +18,12 @@ from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer
 
 # Texts tokenized together; batches are formed (longest first) within such a chunk.
 TOKENIZE_CHUNK = 8192
-# Padded lengths on CUDA: few shapes for the kernels and CUDA graphs, little padding for titles.
+# Length buckets: batches never cross one. On CUDA batches are also padded to their
+# bucket (few shapes for the kernels and CUDA graphs); on the CPU only to their longest
+# row, and finer buckets cut padding further. Large title batches without buckets ran at
+# a quarter of the speed (benchmarks/RESULTS.md).
 CUDA_BUCKETS = (8, 16, 32, 64)
+CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
 
 
 @dataclass(frozen=True)
@@ -27,14 +31,16 @@ class Scheduling:
     """How texts become batches on the loaded device (defaults depend on the device).
 
     Attributes:
-        buckets: Padded sequence lengths, or None to pad each batch to its longest row.
+        buckets: Length buckets no batch crosses, or None (batches of `batch_size` longest first).
         token_budget: Most padded tokens per batch, or None for `batch_size` rows.
         overlap: Tokenize and pad the next batches in a thread while the current one runs.
+        pad_to_bucket: Pad batches to their bucket's length (CUDA), not their longest row.
     """
 
     buckets: tuple[int, ...] | None
     token_budget: int | None
     overlap: bool
+    pad_to_bucket: bool
 
 
 def check_texts(sentences: object) -> tuple[list[str], bool]:
@@ -86,8 +92,10 @@ class Encoder:
         buckets: Sequence[int] | str | None = "auto",
         token_budget: int | None = None,
         overlap: bool | None = None,
+        pad_to_bucket: bool | None = None,
         reuse_buffers: bool | None = None,
         cuda_graphs: bool = False,
+        spinning: bool = False,
     ) -> Encoder:
         """Load an export folder written by `jobbert-onnx export`.
 
@@ -98,14 +106,19 @@ class Encoder:
             precision: Encoder variant (``fp16``, ``fp32``, ``int8``); default: fp16 on
                 CUDA, and on the CPU the fastest the export holds (int8, then fp32).
             threads: onnxruntime intra-op threads per graph (default: one per core).
-            buckets: Padded sequence lengths; ``"auto"``: (8, 16, 32, 64) on CUDA, none on
-                the CPU (where every padded token costs time).
+            buckets: Length buckets no batch crosses; ``"auto"``: (8, 16, 32, 64) on CUDA,
+                where batches are padded to their bucket, and (8, 12, 16, 24, 32, 48, 64) on
+                the CPU, where they are padded only to their longest row; None: no buckets.
             token_budget: Most padded tokens per batch (default: no cap beyond `batch_size`).
             overlap: Tokenize ahead in a thread (default: on for CUDA, off on the CPU,
                 where the thread would take a core from the graphs).
+            pad_to_bucket: Pad batches to their bucket's length (default: on for CUDA, where
+                fewer shapes pay; off on the CPU, where every padded token costs time).
             reuse_buffers: Allocate device buffers once per batch shape (default: on for CUDA).
             cuda_graphs: Capture one CUDA graph per batch shape and replay it; pads every
                 batch of a bucket to the same row count. CUDA only.
+            spinning: Let onnxruntime's idle threads spin for work (off: no measured speed
+                difference on two cores, and idle cores stay free; benchmarks/RESULTS.md).
 
         Raises:
             ManifestError: The folder is not a complete export, or lacks `precision`.
@@ -118,7 +131,7 @@ class Encoder:
         if isinstance(buckets, str):
             if buckets != "auto":
                 raise ValueError(f"buckets must be 'auto', None or a list of lengths; got {buckets!r}")
-            buckets = CUDA_BUCKETS if on_cuda or cuda_graphs else None
+            buckets = CUDA_BUCKETS if on_cuda or cuda_graphs else CPU_BUCKETS
         if cuda_graphs and buckets is None:
             raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets='auto'")
         if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
@@ -127,6 +140,7 @@ class Encoder:
             buckets=None if buckets is None else check_buckets(buckets, manifest.max_seq_length),
             token_budget=token_budget,
             overlap=on_cuda if overlap is None else bool(overlap),
+            pad_to_bucket=on_cuda or cuda_graphs if pad_to_bucket is None else bool(pad_to_bucket),
         )
         chain = GraphChain(manifest, variant, resolved, threads, reuse_buffers=reuse_buffers, cuda_graphs=cuda_graphs)
         return cls(manifest, chain, scheduling)
@@ -246,6 +260,7 @@ class Encoder:
                 schedule.buckets,
                 schedule.token_budget,
                 fixed_height=self.chain.cuda_graphs,
+                pad_to_bucket=schedule.pad_to_bucket,
             )
             for plan in plans:
                 yield plan.rows + offset, self.tokenizer.pad(tokenized, plan.rows, plan.width, plan.height)

@@ -85,10 +85,11 @@ def _cuda_blocker() -> str | None:
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """Options for every session.
 
-    Spinning is off by default: the graphs run one after another, and a
-    finished session's threads spinning for more work steal the cores the
-    next session needs. On two cores that more than halved throughput
-    (titles, int8: 202 texts/s with spinning, 356 without; see benchmarks/RESULTS.md).
+    Spinning is off by default: the graphs run one after another, and idle
+    threads spinning for work burn cores that other processes on the machine
+    could use. The benchmark measured no speed difference beyond run-to-run
+    noise on two cores (titles, int8: 361 vs 344 texts/s in one run, 361 vs
+    369 in the next; benchmarks/RESULTS.md), so the quieter setting wins.
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -1,0 +1,55 @@
+"""The peers' environment: sentence-transformers' ONNX backend and Optimum need transformers < 4.58
+(optimum-onnx's pin), so they run in a virtual environment of their own that the benchmark builds.
+
+It uses the same onnxruntime version as this project, so kernels are alike, and
+the CPU build of torch 2.13.0 (an unpinned torch would pull CUDA packages).
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import onnxruntime as ort
+
+PACKAGES = [
+    "torch==2.13.0",
+    "transformers>=4.41,<4.58",
+    "sentence-transformers>=5.1,<6",
+    "optimum-onnx==0.1.0",
+    f"onnxruntime=={ort.__version__}",
+    "safetensors",
+]
+
+
+def python_of(venv: Path) -> Path:
+    return venv / "bin" / "python"
+
+
+def ensure_env(venv: Path) -> Path:
+    """Create the peers' environment once; return its python."""
+    python = python_of(venv)
+    marker = venv / ".complete"
+    if marker.is_file() and marker.read_text() == "\n".join(PACKAGES):
+        return python
+    if venv.exists():
+        shutil.rmtree(venv)
+    print(f"building the peers' environment in {venv} (one time, a few minutes) ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+    subprocess.run([*pip, PACKAGES[0]], check=True)  # the local CPU wheel first, so nothing pulls CUDA torch
+    subprocess.run([*pip, *PACKAGES], check=True)
+    marker.write_text("\n".join(PACKAGES))
+    return python
+
+
+def quantization_config() -> str:
+    """sentence-transformers' int8 preset that fits this CPU (what its docs tell users to pick)."""
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    if "avx512_vnni" in flags:
+        return "avx512_vnni"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2"

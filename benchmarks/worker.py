@@ -1,0 +1,206 @@
+"""Run one contender on the workloads, in its own process: `python -m benchmarks.worker CONFIG.json`.
+
+One process per contender keeps peak memory per contender honest and lets the
+peers run in their own environment. This module imports only the standard
+library and numpy at the top, so it runs in both environments.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EncodeFn = Callable[[list[str], str, int], np.ndarray]
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _jobbert_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    from jobbert_onnx import Encoder
+
+    options = config.get("options", {})
+    encoder = Encoder.load(config["export"], device=config["device"], **options)
+
+    def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
+        return encoder.encode(texts, task=task, batch_size=batch_size)
+
+    return encode, {
+        "precision": encoder.precision,
+        "provider": encoder.chain.encoder.get_providers()[0],
+        "io_binding": True,
+    }
+
+
+def _merged(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    from benchmarks.merged import MergedEncoder
+
+    merged = MergedEncoder(Path(config["export"]), config["options"]["precision"], config["device"])
+    return merged.encode, {
+        "precision": config["options"]["precision"],
+        "provider": merged.provider,
+        "io_binding": False,
+    }
+
+
+def _st_torch(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    half = config["options"].get("precision") == "fp16"
+    model_kwargs = {"torch_dtype": torch.float16} if half else {}
+    model = SentenceTransformer(config["model"], device=config["device"], model_kwargs=model_kwargs)
+
+    def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
+        return np.asarray(model.encode(texts, task=task, batch_size=batch_size), dtype=np.float32)
+
+    return encode, {"precision": "fp16" if half else "fp32", "provider": f"torch {config['device']}"}
+
+
+def _st_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    from sentence_transformers import SentenceTransformer
+
+    file_name = config["options"]["file_name"]
+    model = SentenceTransformer(
+        config["st_onnx"], backend="onnx", device=config["device"], model_kwargs={"file_name": file_name}
+    )
+
+    def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
+        return np.asarray(model.encode(texts, task=task, batch_size=batch_size), dtype=np.float32)
+
+    return encode, {"precision": config["options"]["precision"], "provider": "onnxruntime CPU + torch heads"}
+
+
+def _optimum(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    """Optimum's ORTModelForFeatureExtraction for the encoder; pooling and heads in numpy, as a user would."""
+    from optimum.onnxruntime import ORTModelForFeatureExtraction
+    from safetensors.numpy import load_file
+    from transformers import AutoTokenizer
+
+    folder = Path(config["st_onnx"])
+    model = ORTModelForFeatureExtraction.from_pretrained(folder, subfolder="onnx", file_name="model.onnx")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    router = json.loads((folder / "modules.json").read_text())[2]["path"]
+    heads = {}
+    for route_dir in (folder / router).iterdir():
+        weights = route_dir / "model.safetensors"
+        if weights.is_file():
+            state = load_file(str(weights))
+            heads[route_dir.name.split("_")[0]] = (state["linear.weight"], state["linear.bias"])
+
+    def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
+        weight, bias = heads[task]
+        out = []
+        for start in range(0, len(texts), batch_size):
+            batch = tokenizer(
+                texts[start : start + batch_size], padding=True, truncation=True, max_length=64, return_tensors="np"
+            )
+            hidden = model(**batch).last_hidden_state
+            hidden = hidden.numpy() if hasattr(hidden, "numpy") else np.asarray(hidden)
+            mask = batch["attention_mask"][..., None].astype(np.float32)
+            pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+            out.append(np.tanh(pooled @ weight.T + bias))
+        return np.concatenate(out).astype(np.float32)
+
+    return encode, {"precision": "fp32", "provider": "onnxruntime CPU (optimum) + numpy heads"}
+
+
+FACTORIES = {
+    "jobbert-onnx": _jobbert_onnx,
+    "merged": _merged,
+    "st-torch": _st_torch,
+    "st-onnx": _st_onnx,
+    "optimum": _optimum,
+}
+
+
+def _latency(encode: EncodeFn, texts: list[str], task: str, calls: int) -> dict[str, float]:
+    for text in texts[:10]:
+        encode([text], task, 1)
+    times = []
+    for i in range(calls):
+        start = time.perf_counter()
+        encode([texts[i % len(texts)]], task, 1)
+        times.append(time.perf_counter() - start)
+    ms = np.array(times) * 1000
+    return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"calls": calls}
+
+
+def run(config: dict[str, Any]) -> dict[str, Any]:
+    started = time.perf_counter()
+    encode, facts = FACTORIES[config["kind"]](config)
+    result: dict[str, Any] = {
+        "contender": config["name"],
+        "kind": config["kind"],
+        "device": config["device"],
+        **facts,
+        "load_s": time.perf_counter() - started,
+        "workloads": {},
+    }
+    out = Path(config["out"])
+    for workload, spec in config["workloads"].items():
+        texts, task = spec["texts"], spec["task"]
+        row: dict[str, Any] = {"latency": _latency(encode, texts, task, config["latency_calls"]), "throughput": {}}
+        for batch_size in config["batch_sizes"]:
+            if batch_size > len(texts):
+                row["throughput"][str(batch_size)] = None  # fewer texts than one batch: not run
+                continue
+            warm = min(batch_size, 64)
+            encode(texts[:warm], task, warm)  # warm-up: first run at this batch size
+            start = time.perf_counter()
+            vectors = encode(texts, task, batch_size)
+            seconds = time.perf_counter() - start
+            row["throughput"][str(batch_size)] = {"seconds": seconds, "texts_per_s": len(texts) / seconds}
+            if batch_size == config["batch_sizes"][0]:
+                np.save(out / f"{config['slug']}.{workload}.npy", vectors.astype(np.float32))
+        result["workloads"][workload] = row
+    result["peak_rss_mib"] = _peak_rss_mib()
+    result["peak_gpu_mib"] = _peak_gpu_mib(config)
+    result["versions"] = {
+        "python": platform.python_version(),
+        **{name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers")},
+        **{name: _version(name) for name in ("sentence-transformers", "optimum", "optimum-onnx")},
+    }
+    return result
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak resident memory (VmHWM: unlike ru_maxrss, it does not carry the parent's over exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _peak_gpu_mib(config: dict[str, Any]) -> float | None:
+    if config["device"] == "cpu":
+        return None
+    if config["kind"] == "st-torch":
+        import torch
+
+        return float(torch.cuda.max_memory_allocated()) / 2**20
+    return None  # onnxruntime does not report its peak; not measured
+
+
+def main(argv: list[str]) -> int:
+    config = json.loads(Path(argv[0]).read_text())
+    result = run(config)
+    (Path(config["out"]) / f"{config['slug']}.json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,65 @@
+"""The benchmark suite itself: it runs end to end and reports quality next to speed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import workloads
+from benchmarks.ceilings import flops_per_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_flops_per_text_matches_the_architecture() -> None:
+    # 12 layers x (4 x 768^2 + 2 x 768 x 3072) multiply-adds: ~170 MFLOP per token, plus attention and the head.
+    one_token = flops_per_text(np.array([1]))
+    assert 169e6 < one_token < 172e6
+    ten = flops_per_text(np.array([10]))
+    assert 10 * 169e6 < ten < 10 * 172e6
+
+
+def test_workloads_are_seeded_and_skill_lists_are_40_to_80_tokens(tiny_exports: dict) -> None:
+    tokenizer_json = tiny_exports[("router", "fp32")] / "tokenizer.json"
+    assert workloads.titles(50) == workloads.titles(50)
+    lists = workloads.skill_lists(40, tokenizer_json)
+    assert lists == workloads.skill_lists(40, tokenizer_json)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    tokenizer.no_truncation()
+    lengths = np.array([len(tokenizer.encode(text).ids) for text in lists])
+    assert lengths.min() >= 40 and np.median(lengths) >= 55, lengths
+    # Targets are drawn from 40-80 tokens; a list stops at the first skill that reaches its target.
+    assert (lengths >= 64).mean() >= 0.3 and lengths.max() <= 80 + 40, lengths
+
+
+def test_suite_runs_and_reports_quality(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "benchmarks", "--quick", "--tiny", "--no-peers"]
+    command += ["--only", "jobbert-onnx int8,jobbert-onnx fp32"]
+    command += ["--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    document = json.loads((tmp_path / "out" / "bench-cpu.json").read_text())
+    names = [c["contender"] for c in document["contenders"]]
+    assert names[0] == "sentence-transformers PyTorch fp32", "the fp32 reference always runs"
+    assert {"jobbert-onnx int8", "jobbert-onnx fp32"} <= set(names)
+    assert document["ceilings"]["fp32_gflops"] > 0 and document["ceilings"]["int8_gflops"] > 0
+    for contender in document["contenders"]:
+        assert "error" not in contender, contender
+        assert contender["peak_rss_mib"] > 0
+        for name in ("titles", "skill_lists"):
+            row = contender["workloads"][name]
+            assert row["latency"]["calls"] == 20 and row["latency"]["p50_ms"] > 0
+            assert row["throughput"]["8"]["texts_per_s"] > 0
+            if contender["contender"] == "jobbert-onnx fp32":
+                assert row["cosine"]["min"] > 0.99999
+            if contender["contender"] == "jobbert-onnx int8":
+                assert 0.97 <= row["cosine"]["min"] < 1.0
+    table = (tmp_path / "out" / "bench-cpu.md").read_text()
+    assert "| jobbert-onnx int8 | int8 |" in table and "cosine min" in table
+    assert not list((tmp_path / "out").glob("*.npy")), "vectors are cleaned up"

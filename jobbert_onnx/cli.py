@@ -57,6 +57,77 @@ def _encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def _embed(args: argparse.Namespace) -> int:
+    from jobbert_onnx.batch.embed import EmbedJob, local_encoder, report_path, run_embed
+
+    job = EmbedJob(
+        model_dir=str(args.model_dir),
+        input=str(args.input),
+        output=str(args.output),
+        task=args.task,
+        column=args.column,
+        id_column=args.id_column,
+        dtype=args.dtype,
+        on_bad_row=args.on_bad_row,
+        chunk_rows=args.chunk_rows,
+        batch_size=args.batch_size,
+        precision=args.precision,
+    )
+    job.check()
+    if args.ray is not None:
+        from jobbert_onnx.batch.ray_embed import ray_encoder
+
+        address = None if args.ray == "local" else args.ray
+        encode = ray_encoder(job.model_dir, job.task, job.batch_size, args.device, job.precision, address)
+    else:
+        encode = local_encoder(job.model_dir, job.task, job.batch_size, args.device, job.precision)
+    report = run_embed(
+        job,
+        encode,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        progress=not args.quiet and sys.stderr.isatty(),
+        log=lambda line: print(line, file=sys.stderr),
+    )
+    if not args.quiet:
+        print(
+            f"embedded {report.rows_out} of {report.rows_in} rows in {report.seconds:.1f}s "
+            f"({len(report.skipped)} skipped, {len(report.embedded_as_empty)} embedded as empty) -> {args.output}; "
+            f"report: {report_path(args.output)}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _match(args: argparse.Namespace) -> int:
+    from jobbert_onnx.batch.match import run_match
+
+    summary = run_match(
+        str(args.model_dir),
+        str(args.queries),
+        str(args.taxonomy),
+        str(args.output),
+        top_k=args.top_k,
+        column=args.column,
+        id_column=args.id_column,
+        label_column=args.label_column,
+        alt_column=args.alt_column or None,
+        concept_id_column=args.concept_id_column,
+        on_bad_row=args.on_bad_row,
+        batch_size=args.batch_size,
+        device=args.device,
+        precision=args.precision,
+        log=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+    )
+    if not args.quiet:
+        print(
+            f"matched {summary['queries']} queries against {summary['concepts']} concepts "
+            f"({summary['labels']} labels), {len(summary['skipped'])} skipped -> {args.output}",
+            file=sys.stderr,
+        )
+    return 0
+
+
 def _random_model(args: argparse.Namespace) -> int:
     from jobbert_onnx.export.random_model import build_random_model
 
@@ -102,6 +173,48 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("-o", "--output", type=Path, help="write .npy or .jsonl here instead of JSON lines on stdout")
     encode.set_defaults(run=_encode)
 
+    embed = commands.add_parser(
+        "embed", help="embed a file of texts (.txt/.csv/.tsv/.jsonl/.parquet) into .parquet or .npy, resumably"
+    )
+    embed.add_argument("model_dir", type=Path)
+    embed.add_argument("input", type=Path)
+    embed.add_argument("output", type=Path, help=".parquet (id, text, embedding) or .npy (+ .ids.jsonl)")
+    embed.add_argument("--task", required=True, help="anchor (job titles) or positive (skill lists)")
+    embed.add_argument("--column", help="text column (default: the only column, or 'text')")
+    embed.add_argument("--id-column", help="column kept as the row id (default: the row number)")
+    embed.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    embed.add_argument("--on-bad-row", choices=["error", "skip", "empty"], default="error")
+    embed.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job")
+    embed.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    embed.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    embed.add_argument("--device", default="auto")
+    embed.add_argument("--precision", help="encoder variant (default: the fastest for the device)")
+    embed.add_argument("--batch-size", type=int, default=32)
+    embed.add_argument("--chunk-rows", type=int, default=8192, help="rows per part (the unit of resuming)")
+    embed.add_argument(
+        "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+        help="encode on a Ray cluster (ADDRESS, e.g. ray://head:10001; none: a local instance)",
+    )  # fmt: skip
+    embed.set_defaults(run=_embed)
+
+    match = commands.add_parser("match", help="match job titles to the top-k concepts of a taxonomy (e.g. ESCO)")
+    match.add_argument("model_dir", type=Path)
+    match.add_argument("queries", type=Path, help="titles: .txt/.csv/.tsv/.jsonl/.parquet")
+    match.add_argument("taxonomy", type=Path, help="CSV/TSV of concepts: id, label, optional |-joined alternatives")
+    match.add_argument("output", type=Path, help=".csv (a row per query and rank) or .jsonl (a line per query)")
+    match.add_argument("--top-k", type=int, default=10)
+    match.add_argument("--column", help="query text column")
+    match.add_argument("--id-column", help="query id column (default: the row number)")
+    match.add_argument("--concept-id-column", default="concept_uri")
+    match.add_argument("--label-column", default="preferred_label")
+    match.add_argument("--alt-column", default="alt_labels", help="|-joined alternative labels ('' for none)")
+    match.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
+    match.add_argument("--device", default="auto")
+    match.add_argument("--precision", help="encoder variant (default: the fastest for the device)")
+    match.add_argument("--batch-size", type=int, default=32)
+    match.add_argument("--quiet", action="store_true")
+    match.set_defaults(run=_match)
+
     random_model = commands.add_parser(
         "random-model", help="write a JobBERT-v3-shaped model with random weights (for offline tests and benchmarks)"
     )
@@ -121,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ManifestError, FileExistsError, ValueError, TypeError, RuntimeError, ImportError) as error:
         print(f"jobbert-onnx {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"jobbert-onnx {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

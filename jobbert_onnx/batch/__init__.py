@@ -1,0 +1,1 @@
+"""Batch jobs on top of the runtime: `embed` files of texts, `match` titles to a taxonomy."""

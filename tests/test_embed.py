@@ -184,3 +184,30 @@ def test_ray_gives_the_same_file(model: Path, tmp_path: Path) -> None:
     _out, err = ray.communicate(timeout=600)
     assert ray.returncode == 0, err[-3000:]
     assert (tmp_path / "ray.parquet").read_bytes() == (tmp_path / "local.parquet").read_bytes()
+
+
+def test_ctrl_c_stops_cleanly_and_resumes(model: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in _titles(12000)))
+    output = tmp_path / "o.parquet"
+    process = _cli_embed(model, source, output)
+    deadline = time.monotonic() + 120
+    while process.poll() is None and _parts_done(output) < 10 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert process.poll() is None, "the job finished before it could be interrupted"
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "continue with the same command and --resume" in err and not output.exists()
+    resumed = _cli_embed(model, source, output, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()[1]
+    assert pq.read_table(output).column("id").to_pylist() == list(range(12000))
+
+
+def test_no_progress_bar_in_a_pipe(model: Path, tmp_path: Path) -> None:
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in _titles(100)))
+    command = [sys.executable, "-m", "jobbert_onnx.cli", "embed", str(model), str(source), str(tmp_path / "o.npy")]
+    done = subprocess.run([*command, "--task", "anchor", "--device", "cpu"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "\r" not in done.stderr and "embedded 100 of 100 rows" in done.stderr

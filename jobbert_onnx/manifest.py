@@ -84,6 +84,22 @@ class Manifest:
         """Absolute path of one file listed in the manifest."""
         return self.folder / name
 
+    def verify(self, names: list[str]) -> None:
+        """Check the sha256 of the listed files against the manifest.
+
+        Raises:
+            ManifestError: A file's content differs from what the export wrote (corrupted or swapped).
+        """
+        for name in names:
+            expected = self.files[name].get("sha256")
+            found = sha256_file(self.path(name))
+            if found != expected:
+                raise ManifestError(
+                    f"{self.path(name)} does not match its sha256 in the manifest (expected {expected}, "
+                    f"found {found}): the file is corrupted or was replaced; copy the export folder again "
+                    "(or pass verify=False to skip this check at your own risk)"
+                )
+
     def choose_variant(self, device_kind: str, precision: str | None = None) -> Variant:
         """The variant to run on ``cpu`` or ``cuda``: `precision` if given, else the preferred one.
 

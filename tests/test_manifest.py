@@ -56,3 +56,34 @@ def test_not_json(export_copy: Path) -> None:
     (export_copy / "manifest.json").write_text("{not json")
     with pytest.raises(ManifestError, match="is not valid JSON"):
         Encoder.load(export_copy, device="cpu")
+
+
+@pytest.mark.parametrize(
+    "name", ["encoder.int8.onnx", "pooling.onnx", "head_anchor.onnx", "head_positive.onnx", "tokenizer.json"]
+)
+def test_corrupted_file_is_named(export_copy: Path, name: str) -> None:
+    path = export_copy / name
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different content
+    path.write_bytes(bytes(data))
+    with pytest.raises(ManifestError, match=rf"{name.replace('.', '[.]')} does not match its sha256 in the manifest"):
+        Encoder.load(export_copy, device="cpu", precision="int8")
+
+
+def test_swapped_heads_are_refused(export_copy: Path) -> None:
+    anchor, positive = export_copy / "head_anchor.onnx", export_copy / "head_positive.onnx"
+    a, b = anchor.read_bytes(), positive.read_bytes()
+    anchor.write_bytes(b)
+    positive.write_bytes(a)
+    with pytest.raises(ManifestError, match=r"head_anchor[.]onnx"):
+        Encoder.load(export_copy, device="cpu")
+
+
+def test_verification_can_be_skipped(export_copy: Path) -> None:
+    path = export_copy / "tokenizer.json"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text.replace('"<unk>"', '"<UNK>"', 1), encoding="utf-8")
+    assert path.stat().st_size == len(text.encode("utf-8"))
+    with pytest.raises(ManifestError, match="does not match its sha256"):
+        Encoder.load(export_copy, device="cpu")
+    assert Encoder.load(export_copy, device="cpu", verify=False).encode("Koch").shape == (1024,)

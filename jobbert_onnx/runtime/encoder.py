@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, read_manifest
+from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
 from jobbert_onnx.runtime.batching import check_buckets, plan_batches
 from jobbert_onnx.runtime.chain import GraphChain
 from jobbert_onnx.runtime.prefetch import prefetch
@@ -96,6 +96,7 @@ class Encoder:
         reuse_buffers: bool | None = None,
         cuda_graphs: bool = False,
         spinning: bool = False,
+        verify: bool = True,
     ) -> Encoder:
         """Load an export folder written by `jobbert-onnx export`.
 
@@ -117,16 +118,21 @@ class Encoder:
             reuse_buffers: Allocate device buffers once per batch shape (default: on for CUDA).
             cuda_graphs: Capture one CUDA graph per batch shape and replay it; pads every
                 batch of a bucket to the same row count. CUDA only.
+            verify: Check the sha256 of every file this encoder loads against the manifest
+                (about a second per GB); False skips it for the fastest start-up.
             spinning: Let onnxruntime's idle threads spin for work (off: no measured speed
                 difference on two cores, and idle cores stay free; benchmarks/RESULTS.md).
 
         Raises:
-            ManifestError: The folder is not a complete export, or lacks `precision`.
+            ManifestError: The folder is not a complete export, lacks `precision`, or a file
+                does not match its sha256.
             DeviceError: ``device="cuda"`` and CUDA cannot be used here.
         """
         manifest = read_manifest(path)
         resolved = choose_device(device, manifest.path(POOLING_FILE))
         variant = manifest.choose_variant(resolved.kind, precision)
+        if verify:
+            manifest.verify([variant.file, POOLING_FILE, TOKENIZER_FILE, *(head_file(r) for r in manifest.routes)])
         on_cuda = resolved.kind == "cuda"
         if isinstance(buckets, str):
             if buckets != "auto":

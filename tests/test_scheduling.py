@@ -178,3 +178,11 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
     count = len(produced)
     assert count <= 5 + 2 + 1
     assert not any(t.name == "jobbert-onnx-prefetch" for t in threading.enumerate())
+
+
+def test_spinning_reaches_every_session(tiny_exports: dict) -> None:
+    for spinning, expected in ((False, "0"), (True, "1")):
+        encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", spinning=spinning)
+        sessions = [encoder.chain.encoder, encoder.chain.pooling, *encoder.chain.heads.values()]
+        for session in sessions:
+            assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == expected

@@ -148,7 +148,15 @@ class Encoder:
             overlap=on_cuda if overlap is None else bool(overlap),
             pad_to_bucket=on_cuda or cuda_graphs if pad_to_bucket is None else bool(pad_to_bucket),
         )
-        chain = GraphChain(manifest, variant, resolved, threads, reuse_buffers=reuse_buffers, cuda_graphs=cuda_graphs)
+        chain = GraphChain(
+            manifest,
+            variant,
+            resolved,
+            threads,
+            reuse_buffers=reuse_buffers,
+            cuda_graphs=cuda_graphs,
+            spinning=spinning,
+        )
         return cls(manifest, chain, scheduling)
 
     @property

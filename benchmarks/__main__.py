@@ -256,16 +256,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def _quality(results: list[dict[str, Any]], out: Path, texts: dict[str, Any]) -> None:
     """Cosine of every contender's vectors to the fp32 PyTorch reference's, per head."""
-    reference = {name: out / f"{_slug(REFERENCE)}.{name}.npy" for name in texts}
-    for result in results:
-        if "error" in result:
+    from jobbert_onnx.export.validate import row_cosines
+
+    for name in texts:
+        reference_path = out / f"{_slug(REFERENCE)}.{name}.npy"
+        if not reference_path.is_file():
             continue
-        for name in texts:
+        reference = np.load(reference_path)
+        for result in results:
             mine = out / f"{_slug(result['contender'])}.{name}.npy"
-            if not mine.is_file() or not reference[name].is_file():
+            if "error" in result or not mine.is_file():
                 continue
-            a, b = np.load(mine).astype(np.float64), np.load(reference[name]).astype(np.float64)
-            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-30)
+            cos = row_cosines(np.load(mine), reference)
             result["workloads"][name]["cosine"] = {"mean": float(cos.mean()), "min": float(cos.min())}
 
 

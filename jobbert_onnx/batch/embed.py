@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jobbert_onnx.batch.reader import Rows, TableReader, fingerprint
-from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, ids_sidecar, part_name, write_part
+from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, part_name, write_part
 from jobbert_onnx.manifest import MANIFEST_NAME, sha256_file
 from jobbert_onnx.runtime.progress import Progress
 
@@ -158,26 +158,27 @@ def run_embed(
     output = Path(job.output)
     suffix = output.suffix.lower()
     parts, done = _prepare(job, resume, overwrite)
-    total = reader.count()
     if done:
-        log(f"resuming after {done} finished part(s) ({min(done * job.chunk_rows, total)} of {total} rows)")
+        log(f"resuming after {done} finished part(s)")
+    # Counting takes a pass over the input; only the progress bar needs the total.
+    total = reader.count() if progress else 0
     bar = Progress(total, progress, label="Embedding")
     bar.update(min(done * job.chunk_rows, total))
 
     pending = (rows for index, rows in enumerate(reader.chunks(job.chunk_rows)) if index >= done)
-    cleaned: list[tuple[Rows, list[str], list[int], dict[str, list]]] = []
+    cleaned: list[tuple[Rows, list[int], dict[str, list]]] = []
 
     def texts_of_chunks() -> Iterator[list[str]]:
         for rows in pending:
-            texts, keep, notes = _clean(rows, job.on_bad_row)
-            cleaned.append((rows, texts, keep, notes))
+            texts, keep, notes = clean_rows(rows, job.on_bad_row)
+            cleaned.append((rows, keep, notes))
             yield texts
 
     index = done
     dtype = np.float16 if job.dtype == "float16" else np.float32
     try:
         for vectors in encode_chunks(texts_of_chunks()):
-            rows, _texts, keep, notes = cleaned.pop(0)
+            rows, keep, notes = cleaned.pop(0)
             ids = [rows.ids[i] for i in keep]
             cells = [rows.cells[i] for i in keep]
             vectors = np.asarray(vectors, dtype=dtype)
@@ -213,7 +214,7 @@ def run_embed(
     return report
 
 
-def _clean(rows: Rows, policy: str) -> tuple[list[str], list[int], dict[str, list]]:
+def clean_rows(rows: Rows, policy: str) -> tuple[list[str], list[int], dict[str, list]]:
     """Texts to encode, the row positions they come from, and the notes on bad rows."""
     texts, keep = [], []
     notes: dict[str, list] = {"skipped": [], "embedded_as_empty": []}
@@ -259,6 +260,3 @@ def local_encoder(
                 yield np.empty((0, encoder.get_sentence_embedding_dimension()), dtype=np.float32)
 
     return encode_chunks
-
-
-__all__ = ["EmbedError", "EmbedJob", "Report", "ids_sidecar", "local_encoder", "run_embed"]

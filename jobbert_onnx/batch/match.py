@@ -209,7 +209,7 @@ def run_match(
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> dict[str, Any]:
     """Match every query to its top-k taxonomy concepts; returns counts for the caller to report."""
-    from jobbert_onnx.batch.embed import _clean
+    from jobbert_onnx.batch.embed import clean_rows
     from jobbert_onnx.batch.reader import TableReader
     from jobbert_onnx.runtime import Encoder
 
@@ -232,7 +232,7 @@ def run_match(
     matches: list[list[tuple[int, int, float]]] = []
     skipped = []
     for rows in reader.chunks(chunk_rows):
-        texts, keep, notes = _clean(rows, on_bad_row)
+        texts, keep, notes = clean_rows(rows, on_bad_row)
         skipped += notes["skipped"]
         found = (
             top_concepts(encode(texts), labels, taxonomy.owner, top_k, taxonomy.max_labels_per_concept) if texts else []

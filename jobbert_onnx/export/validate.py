@@ -48,7 +48,10 @@ def validate_export(folder: Path, reference: TorchReference, texts: list[str], d
     for precision in manifest.variants:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # "auto" falling back to the CPU is expected here
-            encoder = Encoder.load(folder, device="cpu" if precision == "int8" else device, precision=precision)
+            # The export has just written and hashed these files: no need to hash them again.
+            encoder = Encoder.load(
+                folder, device="cpu" if precision == "int8" else device, precision=precision, verify=False
+            )
         if "token_ids_match" not in figures:
             ours = encoder.tokenizer.tokenize(texts).ids
             mismatched = [i for i, (a, b) in enumerate(zip(ours, reference.token_ids(texts), strict=True)) if a != b]

@@ -120,8 +120,8 @@ class Encoder:
                 batch of a bucket to the same row count. CUDA only.
             verify: Check the sha256 of every file this encoder loads against the manifest
                 (about a second per GB); False skips it for the fastest start-up.
-            spinning: Let onnxruntime's idle threads spin for work (off: no measured speed
-                difference on two cores, and idle cores stay free; benchmarks/RESULTS.md).
+            spinning: Let onnxruntime's idle threads spin for work (off: spinning threads of
+                one chained session slow the next one down; benchmarks/RESULTS.md).
 
         Raises:
             ManifestError: The folder is not a complete export, lacks `precision`, or a file

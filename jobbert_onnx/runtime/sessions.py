@@ -85,11 +85,11 @@ def _cuda_blocker() -> str | None:
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
     """Options for every session.
 
-    Spinning is off by default: the graphs run one after another, and idle
-    threads spinning for work burn cores that other processes on the machine
-    could use. The benchmark measured no speed difference beyond run-to-run
-    noise on two cores (titles, int8: 361 vs 344 texts/s in one run, 361 vs
-    369 in the next; benchmarks/RESULTS.md), so the quieter setting wins.
+    Spinning is off by default: the graphs run one after another, and a
+    finished session's threads spinning for more work steal the cores the
+    next session needs. On two cores, titles with int8 at batch 32 ran at
+    323 texts/s without spinning and 202 with; single skill lists took 24 ms
+    instead of 54 (benchmarks/RESULTS.md).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

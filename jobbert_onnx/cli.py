@@ -140,6 +140,42 @@ def _random_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    import os
+
+    try:
+        from jobbert_onnx.serve import ServeConfig
+        from jobbert_onnx.serve.config import API_KEY_ENV
+        from jobbert_onnx.serve.workers import serve
+    except ImportError as error:
+        raise ImportError(f"{error}; the server needs: pip install 'jobbert-onnx[serve]'") from None
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = ServeConfig(
+        model_dir=str(args.model_dir),
+        host=args.host,
+        port=args.port,
+        devices=tuple(device.strip() for device in args.device.split(",") if device.strip()),
+        workers=args.workers,
+        precision=args.precision,
+        threads=args.threads,
+        served_model_name=args.served_model_name,
+        api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV),
+        max_batch_texts=args.max_batch_texts,
+        max_batch_tokens=args.max_batch_tokens,
+        max_wait_ms=args.max_wait_ms,
+        max_inputs=args.max_inputs,
+        max_chars=args.max_chars,
+        max_body_bytes=args.max_body_bytes,
+        max_queue_texts=args.max_queue_texts,
+        body_timeout_s=args.body_timeout_s,
+        log_texts=args.log_texts,
+        verify=not args.no_verify,
+    )
+    return serve(config, lambda line: print(f"jobbert-onnx serve: {line}", file=sys.stderr, flush=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobbert-onnx", description="JobBERT-v3 as ONNX graphs, encoded without torch."
@@ -214,6 +250,32 @@ def build_parser() -> argparse.ArgumentParser:
     match.add_argument("--batch-size", type=int, default=32)
     match.add_argument("--quiet", action="store_true")
     match.set_defaults(run=_match)
+
+    serve = commands.add_parser(
+        "serve", help="serve POST /v1/embeddings (OpenAI-compatible) with dynamic batching (needs jobbert-onnx[serve])"
+    )
+    serve.add_argument("model_dir", type=Path)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8080, help="TCP port (0: any free one)")
+    serve.add_argument(
+        "--device", default="auto", help="auto, cpu, cuda, cuda:N, or a list (cuda:0,cuda:1): one group each"
+    )
+    serve.add_argument("--workers", type=int, default=1, help="processes per device, sharing the port")
+    serve.add_argument("--precision", help="encoder variant (default: the fastest for the device)")
+    serve.add_argument("--threads", type=int, help="onnxruntime threads per graph (default: cores / workers)")
+    serve.add_argument("--served-model-name", default="jobbert-v3", help="the 'model' clients send")
+    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $JOBBERT_ONNX_API_KEY)")
+    serve.add_argument("--max-batch-texts", type=int, default=64, help="texts per device batch")
+    serve.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
+    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
+    serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request")
+    serve.add_argument("--max-chars", type=int, default=4096, help="longer texts are cut (the model reads 64 tokens)")
+    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413")
+    serve.add_argument("--max-queue-texts", type=int, default=8192, help="beyond this many queued texts: 503")
+    serve.add_argument("--body-timeout-s", type=float, default=30.0, help="slower request bodies get 408")
+    serve.add_argument("--log-texts", action="store_true", help="log request texts (off by default)")
+    serve.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files")
+    serve.set_defaults(run=_serve)
 
     random_model = commands.add_parser(
         "random-model", help="write a JobBERT-v3-shaped model with random weights (for offline tests and benchmarks)"

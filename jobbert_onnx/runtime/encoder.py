@@ -14,7 +14,7 @@ from jobbert_onnx.runtime.chain import GraphChain
 from jobbert_onnx.runtime.prefetch import prefetch
 from jobbert_onnx.runtime.progress import Progress
 from jobbert_onnx.runtime.sessions import Device, choose_device
-from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer
+from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer, Tokenized
 
 # Texts tokenized together; batches are formed (longest first) within such a chunk.
 TOKENIZE_CHUNK = 8192
@@ -263,21 +263,36 @@ class Encoder:
             out /= np.maximum(norms, 1e-12)
         return out[0] if single else out
 
+    def encode_tokenized(self, tokenized: Tokenized, task: str | None = None, batch_size: int = 32) -> np.ndarray:
+        """Vectors [n, dim] of texts already tokenized by ``self.tokenizer.tokenize``.
+
+        For callers that need the token counts first, as the server does to size its
+        batches and to report usage; batches are planned exactly as in `encode`.
+        """
+        route = self.resolve_task(task)
+        out = np.empty((len(tokenized.ids), self.get_sentence_embedding_dimension()), dtype=np.float32)
+        for rows, batch in self._plan(tokenized, batch_size, offset=0):
+            out[rows] = self.chain.run(batch, route)[: len(rows)]
+        return out
+
     def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
         """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it."""
-        schedule = self.scheduling
         for offset in range(0, len(texts), TOKENIZE_CHUNK):
             tokenized = self.tokenizer.tokenize(texts[offset : offset + TOKENIZE_CHUNK])
-            plans = plan_batches(
-                tokenized.lengths,
-                batch_size,
-                schedule.buckets,
-                schedule.token_budget,
-                fixed_height=self.chain.cuda_graphs,
-                pad_to_bucket=schedule.pad_to_bucket,
-            )
-            for plan in plans:
-                yield plan.rows + offset, self.tokenizer.pad(tokenized, plan.rows, plan.width, plan.height)
+            yield from self._plan(tokenized, batch_size, offset)
+
+    def _plan(self, tokenized: Tokenized, batch_size: int, offset: int) -> Iterator[tuple[np.ndarray, Batch]]:
+        schedule = self.scheduling
+        plans = plan_batches(
+            tokenized.lengths,
+            batch_size,
+            schedule.buckets,
+            schedule.token_budget,
+            fixed_height=self.chain.cuda_graphs,
+            pad_to_bucket=schedule.pad_to_bucket,
+        )
+        for plan in plans:
+            yield plan.rows + offset, self.tokenizer.pad(tokenized, plan.rows, plan.width, plan.height)
 
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:

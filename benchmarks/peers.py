@@ -53,3 +53,15 @@ def quantization_config() -> str:
     if "avx512f" in flags:
         return "avx512"
     return "avx2"
+
+
+# The HTTP framework of `benchmarks.peer_server` (the same one our server uses).
+SERVER_PACKAGES = ["starlette", "uvicorn", "orjson"]
+
+
+def ensure_server_packages(python: Path) -> None:
+    """Add the peer server's framework to the peers' environment if it is missing."""
+    probe = subprocess.run([str(python), "-c", "import starlette, uvicorn, orjson"], capture_output=True)
+    if probe.returncode != 0:
+        pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+        subprocess.run([*pip, *SERVER_PACKAGES], check=True)

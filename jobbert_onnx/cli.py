@@ -27,6 +27,7 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         validate_device=args.validate_device,
         log=log,
+        allow_pickle=args.allow_pickle,
     )
     return 0
 
@@ -193,6 +194,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
     export.add_argument("--validate-device", default="auto", help="where to run the validation: auto, cuda, cpu")
+    export.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model.bin where there is no safetensors file: this runs pickle, only for trusted files",
+    )
     export.set_defaults(run=_export)
 
     encode = commands.add_parser(

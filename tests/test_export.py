@@ -6,9 +6,11 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
+from jobbert_onnx import Encoder
 from jobbert_onnx.export import ExportValidationError, UnsupportedModelError, export_model
 from jobbert_onnx.export import validate as validate_module
 from jobbert_onnx.export.source import read_model
@@ -172,7 +174,10 @@ def _extra_module(folder: Path) -> None:
         ),
         (_relu_dense, r"activation=torch.nn.modules.activation.ReLU"),
         (_bert_encoder, r"model_type 'bert'.*supports 'xlm-roberta' only"),
-        (_pickled_weights, r"model.safetensors is missing \(only pytorch_model.bin is there"),
+        (
+            _pickled_weights,
+            r"model.safetensors is missing and only pytorch_model.bin \(pickle\) is there.*--allow-pickle",
+        ),
         (_extra_module, r"lists \[.*Normalize'\]; expected Transformer -> Pooling -> Router"),
     ],
 )
@@ -237,3 +242,28 @@ def test_unknown_precision_names_the_choices(tiny_models: dict, tmp_path: Path) 
     with pytest.raises(ValueError, match="unknown precision int4; choose one or more of: fp16, fp32, int8"):
         export_model(str(tiny_models["router"]), tmp_path / "out", precision="fp16,int4", log=_quiet)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pickled_weights_load_only_with_the_explicit_flag(
+    tiny_models: dict, tiny_exports: dict, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    folder = _copy(tiny_models["router"], tmp_path)
+    weights = [folder / "model.safetensors", *sorted((folder / "2_Router").glob("*/model.safetensors"))]
+    assert len(weights) == 3
+    for path in weights:
+        torch.save(load_file(str(path)), path.with_name("pytorch_model.bin"))
+        path.unlink()
+    with pytest.raises(UnsupportedModelError, match="pickle"):
+        export_model(str(folder), tmp_path / "refused", precision="fp32", log=_quiet)
+    assert not (tmp_path / "refused").exists()
+
+    manifest = export_model(str(folder), tmp_path / "out", precision="fp32", allow_pickle=True, log=_quiet)
+    assert all(name.endswith("pytorch_model.bin") for name in manifest["source"]["weights_sha256"])
+    texts = ["Software Engineer", "python, sql, docker"]
+    pickled = Encoder.load(tmp_path / "out", device="cpu", precision="fp32")
+    reference = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32")
+    for task in ("anchor", "positive"):
+        np.testing.assert_array_equal(pickled.encode(texts, task=task), reference.encode(texts, task=task))

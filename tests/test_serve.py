@@ -141,7 +141,8 @@ def test_unknown_route_and_method(server: ServerProcess) -> None:
     assert httpx.get(f"{server.url}/v2/embeddings").status_code == 404
     response = httpx.get(f"{server.url}/v1/embeddings")
     assert response.status_code == 405
-    assert "error" in response.json()
+    assert response.headers["allow"] == "POST"
+    assert "use POST" in response.json()["error"]["message"]
 
 
 def test_health_ready_metrics_and_openapi(server: ServerProcess) -> None:

@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jobbert_onnx.export.hf import load_encoder
-from jobbert_onnx.export.source import HeadSpec, ModelSpec
+from jobbert_onnx.export.source import HeadSpec, ModelSpec, load_state
 from jobbert_onnx.manifest import (
     ATTENTION_MASK,
     EMBEDDING,
@@ -196,9 +196,7 @@ def write_pooling(path: Path, hidden_size: int) -> None:
 
 def write_head(path: Path, head: HeadSpec) -> None:
     """One Dense + Tanh head, fp32: tanh(x W^T + b)."""
-    from safetensors.numpy import load_file
-
-    state = load_file(str(head.weights))
+    state = load_state(head.weights)
     weight, bias = state.get("linear.weight"), state.get("linear.bias")
     expected = (head.out_features, head.in_features)
     if weight is None or bias is None or weight.shape != expected or bias.shape != (head.out_features,):

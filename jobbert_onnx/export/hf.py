@@ -37,6 +37,8 @@ def load_encoder(spec: ModelSpec, attention: str | None = None) -> Any:
     from transformers import XLMRobertaModel
 
     kwargs: dict[str, Any] = {"attn_implementation": attention} if attention else {}
+    # Never let transformers fall back to pickle on its own: pickle only when read_model allowed it.
+    kwargs["use_safetensors"] = spec.encoder_weights.suffix == ".safetensors"
     with quiet_transformers():
         model = XLMRobertaModel.from_pretrained(str(spec.folder), add_pooling_layer=False, **kwargs)
     return model.eval()

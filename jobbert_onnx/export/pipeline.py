@@ -108,6 +108,7 @@ def export_model(
     overwrite: bool = False,
     validate_device: str = "auto",
     log: Callable[[str], None] = print,
+    allow_pickle: bool = False,
 ) -> dict[str, Any]:
     """Export JobBERT-v3 to ONNX graphs, validate them against PyTorch, and write the manifest.
 
@@ -124,6 +125,8 @@ def export_model(
         overwrite: Replace an existing export in `output_dir`.
         validate_device: Where the new graphs run for validation (``auto``, ``cuda``, ``cpu``).
         log: Receives one line per step.
+        allow_pickle: Read ``pytorch_model.bin`` where a module has no safetensors file.
+            Loading pickle can run code hidden in the file: only for sources you trust.
 
     Returns:
         The manifest that was written.
@@ -136,7 +139,7 @@ def export_model(
     output = Path(output_dir).expanduser().resolve()
     _prepare_output(output, overwrite)
     started = time.perf_counter()
-    spec = read_model(source, revision)
+    spec = read_model(source, revision, allow_pickle)
     log(f"read {spec.router_kind} model from {spec.folder} ({spec.encoder_config['num_hidden_layers']} layers)")
 
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from jobbert_onnx.export.hf import load_encoder, load_tokenizer
-from jobbert_onnx.export.source import ModelSpec
+from jobbert_onnx.export.source import ModelSpec, load_state
 
 
 class TorchReference:
@@ -18,7 +18,6 @@ class TorchReference:
 
     def __init__(self, spec: ModelSpec) -> None:
         import torch
-        from safetensors.torch import load_file
 
         self._torch = torch
         self.spec = spec
@@ -26,8 +25,9 @@ class TorchReference:
         self.tokenizer = load_tokenizer(spec)
         self.heads = {}
         for route, head in spec.heads.items():
-            state = load_file(str(head.weights))
-            self.heads[route] = (state["linear.weight"].float(), state["linear.bias"].float())
+            state = load_state(head.weights)
+            weight, bias = (torch.from_numpy(state[name]).float() for name in ("linear.weight", "linear.bias"))
+            self.heads[route] = (weight, bias)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
         """Ids as sentence-transformers feeds them: truncated to max_seq_length, unpadded."""

@@ -26,8 +26,44 @@ _ROUTER_TYPES = {
     "sentence_transformers.models.Asym": ("config.json", "Asym"),
 }
 # Hub files the export reads (patterns match in subfolders too); pickled weights
-# and ONNX/OpenVINO copies in the repository are left undownloaded.
+# (unless allowed) and ONNX/OpenVINO copies in the repository are left undownloaded.
 _HUB_PATTERNS = ["*.json", "*.safetensors"]
+SAFETENSORS = "model.safetensors"
+PICKLE = "pytorch_model.bin"
+_PICKLE_FIX = (
+    "convert the weights to safetensors, or pass --allow-pickle (allow_pickle=True) if you trust the files: "
+    "loading pickle can run code hidden in them"
+)
+
+
+def weights_file(folder: Path, allow_pickle: bool, what: str) -> Path:
+    """The weights of one module: model.safetensors, or pytorch_model.bin only if pickle is allowed.
+
+    Raises:
+        UnsupportedModelError: No safetensors file, and pickle is not allowed (or absent too).
+    """
+    safe = folder / SAFETENSORS
+    if safe.is_file():
+        return safe
+    pickled = folder / PICKLE
+    if pickled.is_file():
+        if allow_pickle:
+            return pickled
+        raise UnsupportedModelError(f"{what}: {safe} is missing and only {PICKLE} (pickle) is there; {_PICKLE_FIX}")
+    raise UnsupportedModelError(f"{what}: {safe} is missing")
+
+
+def load_state(path: Path) -> dict[str, Any]:
+    """Tensors of one weights file as numpy arrays; pickle (only reached when allowed) via
+    torch's restricted ``weights_only`` unpickler."""
+    if path.suffix == ".safetensors":
+        from safetensors.numpy import load_file
+
+        return dict(load_file(str(path)))
+    import torch
+
+    state = torch.load(str(path), map_location="cpu", weights_only=True)
+    return {name: tensor.float().numpy() for name, tensor in state.items()}
 
 
 class UnsupportedModelError(ValueError):
@@ -42,10 +78,7 @@ class HeadSpec:
     folder: Path
     in_features: int
     out_features: int
-
-    @property
-    def weights(self) -> Path:
-        return self.folder / "model.safetensors"
+    weights: Path
 
 
 @dataclass(frozen=True)
@@ -60,6 +93,7 @@ class ModelSpec:
     router_kind: str
     heads: dict[str, HeadSpec]
     default_route: str
+    encoder_weights: Path
 
     @property
     def hidden_size(self) -> int:
@@ -71,7 +105,7 @@ class ModelSpec:
 
     def weight_files(self) -> list[Path]:
         """The weight files the export reads, encoder first."""
-        return [self.folder / "model.safetensors", *(h.weights for h in self.heads.values())]
+        return [self.encoder_weights, *(h.weights for h in self.heads.values())]
 
     def weight_hashes(self) -> dict[str, str]:
         """sha256 of every weight file, keyed by its path inside the model folder."""
@@ -87,13 +121,14 @@ def _read_json(path: Path, what: str) -> Any:
         raise UnsupportedModelError(f"{what}: {path} is not valid JSON ({error})") from error
 
 
-def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str | None]:
+def resolve_source(source: str, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str | None]:
     """Return a local folder for a hub id or a local path, and the resolved revision.
 
     Args:
         source: A local sentence-transformers folder, or a hub id such as
             ``TechWolf/JobBERT-v3``.
         revision: A branch, tag or commit of the hub repository.
+        allow_pickle: Also download pickled weights (``*.bin``).
 
     Raises:
         UnsupportedModelError: The source is neither an existing folder nor a hub id.
@@ -111,7 +146,8 @@ def resolve_source(source: str, revision: str | None = None) -> tuple[Path, str 
         )
     from huggingface_hub import snapshot_download
 
-    folder = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=_HUB_PATTERNS))
+    patterns = [*_HUB_PATTERNS, "*.bin"] if allow_pickle else _HUB_PATTERNS
+    folder = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=patterns))
     # Snapshot folders are named after the commit they hold.
     return folder, folder.name
 
@@ -127,10 +163,6 @@ def _check_encoder(folder: Path) -> dict[str, Any]:
     for key, expected in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
         if config.get(key, expected) != expected:
             raise UnsupportedModelError(f"the encoder has {key}={config.get(key)!r}; only {expected!r} is supported")
-    if not (folder / "model.safetensors").is_file():
-        pickled = (folder / "pytorch_model.bin").is_file()
-        hint = " (only pytorch_model.bin is there: pickled weights are not loaded)" if pickled else ""
-        raise UnsupportedModelError(f"{folder / 'model.safetensors'} is missing{hint}")
     return dict(config)
 
 
@@ -148,7 +180,7 @@ def _check_pooling(folder: Path, hidden: int) -> None:
         )
 
 
-def _check_dense(route: str, folder: Path, hidden: int) -> HeadSpec:
+def _check_dense(route: str, folder: Path, hidden: int, allow_pickle: bool) -> HeadSpec:
     config = _read_json(folder / "config.json", f"Dense config of head {route!r}")
     found = (
         f"in_features={config.get('in_features')}, out_features={config.get('out_features')}, "
@@ -163,12 +195,13 @@ def _check_dense(route: str, folder: Path, hidden: int) -> HeadSpec:
         raise UnsupportedModelError(
             f"head {route!r} ({folder}) is Dense({found}); expected Dense(in_features={hidden}, bias=True) with Tanh"
         )
-    if not (folder / "model.safetensors").is_file():
-        raise UnsupportedModelError(f"head {route!r}: {folder / 'model.safetensors'} is missing")
-    return HeadSpec(route=route, folder=folder, in_features=hidden, out_features=int(config["out_features"]))
+    weights = weights_file(folder, allow_pickle, f"head {route!r}")
+    return HeadSpec(
+        route=route, folder=folder, in_features=hidden, out_features=int(config["out_features"]), weights=weights
+    )
 
 
-def _read_heads(folder: Path, module_type: str, hidden: int) -> tuple[dict[str, HeadSpec], str]:
+def _read_heads(folder: Path, module_type: str, hidden: int, allow_pickle: bool) -> tuple[dict[str, HeadSpec], str]:
     config_name, kind = _ROUTER_TYPES[module_type]
     config = _read_json(folder / config_name, f"{kind} config")
     structure = config.get("structure")
@@ -188,7 +221,7 @@ def _read_heads(folder: Path, module_type: str, hidden: int) -> tuple[dict[str, 
             raise UnsupportedModelError(
                 f"route {route!r} of the {kind} module runs {described}; expected a single Dense module"
             )
-        heads[route] = _check_dense(route, folder / modules[0], hidden)
+        heads[route] = _check_dense(route, folder / modules[0], hidden, allow_pickle)
     if heads["anchor"].out_features != heads["positive"].out_features:
         raise UnsupportedModelError(
             f"the heads give {heads['anchor'].out_features}-d (anchor) and {heads['positive'].out_features}-d "
@@ -202,17 +235,18 @@ def _read_heads(folder: Path, module_type: str, hidden: int) -> tuple[dict[str, 
     return heads, default
 
 
-def read_model(source: str, revision: str | None = None) -> ModelSpec:
+def read_model(source: str, revision: str | None = None, allow_pickle: bool = False) -> ModelSpec:
     """Locate a JobBERT-v3 model and check that its layout is the one this exporter supports.
 
     Supported: ``modules.json`` with Transformer (XLM-R) -> Pooling (mean) -> Router
     (``2_Router/router_config.json``) or legacy Asym (``2_Asym/config.json``), whose
-    routes ``anchor`` and ``positive`` each run one Dense(hidden -> d) + Tanh.
+    routes ``anchor`` and ``positive`` each run one Dense(hidden -> d) + Tanh. Weights
+    are read from safetensors; pickled ``pytorch_model.bin`` files only with `allow_pickle`.
 
     Raises:
         UnsupportedModelError: With what was found, for any other layout.
     """
-    folder, resolved = resolve_source(source, revision)
+    folder, resolved = resolve_source(source, revision, allow_pickle)
     modules = _read_json(folder / "modules.json", "sentence-transformers module list")
     if not isinstance(modules, list):
         raise UnsupportedModelError(f"{folder / 'modules.json'} is not a list of modules")
@@ -223,6 +257,7 @@ def read_model(source: str, revision: str | None = None) -> ModelSpec:
         )
     encoder_folder = folder / modules[0].get("path", "")
     encoder_config = _check_encoder(encoder_folder)
+    encoder_weights = weights_file(encoder_folder, allow_pickle, "encoder")
     hidden = int(encoder_config["hidden_size"])
     st_config = _read_json(encoder_folder / "sentence_bert_config.json", "sentence-transformers config")
     max_seq_length = st_config.get("max_seq_length")
@@ -234,7 +269,7 @@ def read_model(source: str, revision: str | None = None) -> ModelSpec:
     if st_config.get("do_lower_case"):
         raise UnsupportedModelError("sentence_bert_config.json sets do_lower_case=true; JobBERT-v3 does not lowercase")
     _check_pooling(folder / modules[1]["path"], hidden)
-    heads, default = _read_heads(folder / modules[2]["path"], found[2], hidden)
+    heads, default = _read_heads(folder / modules[2]["path"], found[2], hidden, allow_pickle)
     if not (encoder_folder / "tokenizer.json").is_file():
         raise UnsupportedModelError(
             f"{encoder_folder / 'tokenizer.json'} is missing (a fast tokenizer file is required)"
@@ -248,4 +283,5 @@ def read_model(source: str, revision: str | None = None) -> ModelSpec:
         router_kind=_ROUTER_TYPES[found[2]][1],
         heads=heads,
         default_route=default,
+        encoder_weights=encoder_weights,
     )

@@ -10,12 +10,19 @@ of device buffers, allocated once and updated in place; the inputs are copied
 into them and nothing else is allocated per batch. That is also what CUDA
 graphs need: a captured graph replays on the same addresses, so with
 `cuda_graphs` each (rows, length) shape is captured once under its own
-``gpu_graph_id`` and replayed after.
+``gpu_graph_id`` and replayed after. Without CUDA graphs at most `MAX_SHAPES`
+shapes keep their buffers per thread (least recently used go first), so varied
+batch sizes cannot pile up device memory.
+
+Memory: a batch of more than `shrink_above_tokens` padded tokens runs with
+fresh buffers and asks onnxruntime to shrink its memory arenas at the end of
+the run, so one huge batch does not keep its memory for the life of the process.
 """
 
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -35,6 +42,9 @@ from jobbert_onnx.manifest import (
 )
 from jobbert_onnx.runtime.sessions import Device, create_session
 from jobbert_onnx.runtime.tokenize import Batch
+
+# Batch shapes whose buffers are kept per thread (without CUDA graphs).
+MAX_SHAPES = 32
 
 
 @dataclass
@@ -59,6 +69,7 @@ class GraphChain:
         reuse_buffers: bool | None = None,
         cuda_graphs: bool = False,
         spinning: bool = False,
+        shrink_above_tokens: int | None = None,
     ) -> None:
         if cuda_graphs and device.kind != "cuda":
             raise ValueError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
@@ -69,6 +80,10 @@ class GraphChain:
         self.cuda_graphs = cuda_graphs
         self.reuse_buffers = cuda_graphs or (device.kind == "cuda" if reuse_buffers is None else reuse_buffers)
         self._memory = ("cuda", device.index) if device.kind == "cuda" else ("cpu", 0)
+        self.shrink_above_tokens = shrink_above_tokens
+        self._shrink = ort.RunOptions()
+        arenas = f"gpu:{device.index};cpu:0" if device.kind == "cuda" else "cpu:0"
+        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
 
         def session(name: str) -> ort.InferenceSession:
             return create_session(manifest.path(name), device, threads, spinning=spinning, cuda_graphs=cuda_graphs)
@@ -84,40 +99,58 @@ class GraphChain:
         # Buffers are per thread, so concurrent `run`s never share them; CUDA graphs
         # replay fixed addresses, so with them there is one set, used under a lock.
         self._local = threading.local()
-        self._shared: dict[tuple[int, int], _ShapeBuffers] = {}
+        self._shared: OrderedDict[tuple[int, int], _ShapeBuffers] = OrderedDict()
         self._graph_ids: dict[tuple[int, int], int] = {}
         self._lock: AbstractContextManager[object] = threading.Lock() if cuda_graphs else nullcontext()
 
     def run(self, batch: Batch, route: str) -> np.ndarray:
         """Vectors [batch, dim] (float32, host memory) for one padded batch."""
-        if self.reuse_buffers:
+        huge = self.shrink_above_tokens is not None and batch.input_ids.size > self.shrink_above_tokens
+        if self.reuse_buffers and not (huge and not self.cuda_graphs):
             with self._lock:
                 return self._run_reusing(batch, route)
-        return self.stages(batch, route)[EMBEDDING].numpy()
+        return self.stages(batch, route, shrink=huge)[EMBEDDING].numpy()
 
-    def stages(self, batch: Batch, route: str) -> dict[str, ort.OrtValue]:
+    def stages(self, batch: Batch, route: str, shrink: bool = False) -> dict[str, ort.OrtValue]:
         """Run the chain with fresh buffers and return every stage's output, keyed by graph output name.
 
         Token and sentence embeddings stay in the device's memory; only the
-        head's output is in host memory.
+        head's output is in host memory. With `shrink`, the stage outputs are
+        allocated outside the arenas and the arenas shrink after each run.
         """
         kind, index = self._memory
         input_ids = ort.OrtValue.ortvalue_from_numpy(batch.input_ids, kind, index)
         mask = ort.OrtValue.ortvalue_from_numpy(batch.attention_mask, kind, index)
-        tokens = self._stage(self.encoder, {INPUT_IDS: input_ids, ATTENTION_MASK: mask}, TOKEN_EMBEDDINGS)
-        pooled = self._stage(self.pooling, {TOKEN_EMBEDDINGS: tokens, ATTENTION_MASK: mask}, SENTENCE_EMBEDDING)
-        vectors = self._stage(self.heads[route], {SENTENCE_EMBEDDING: pooled}, EMBEDDING, to_host=True)
+        rows, width = batch.input_ids.shape
+        options = self._shrink if shrink else None
+        token_shape = (rows, width, self.hidden_size) if shrink else None
+        tokens = self._stage(
+            self.encoder, {INPUT_IDS: input_ids, ATTENTION_MASK: mask}, TOKEN_EMBEDDINGS, options, token_shape
+        )
+        pooled = self._stage(
+            self.pooling, {TOKEN_EMBEDDINGS: tokens, ATTENTION_MASK: mask}, SENTENCE_EMBEDDING, options
+        )
+        vectors = self._stage(self.heads[route], {SENTENCE_EMBEDDING: pooled}, EMBEDDING, options, to_host=True)
         return {TOKEN_EMBEDDINGS: tokens, SENTENCE_EMBEDDING: pooled, EMBEDDING: vectors}
 
     def _stage(
-        self, session: ort.InferenceSession, inputs: dict[str, ort.OrtValue], output: str, to_host: bool = False
+        self,
+        session: ort.InferenceSession,
+        inputs: dict[str, ort.OrtValue],
+        output: str,
+        options: ort.RunOptions | None = None,
+        own_output: tuple[int, ...] | None = None,
+        to_host: bool = False,
     ) -> ort.OrtValue:
         binding = session.io_binding()
         for name, value in inputs.items():
             binding.bind_ortvalue_input(name, value)
-        kind, index = ("cpu", 0) if to_host else self._memory
-        binding.bind_output(output, kind, index)
-        session.run_with_iobinding(binding)
+        if own_output is not None:  # allocated here, freed with its OrtValue, never kept by an arena
+            binding.bind_ortvalue_output(output, self._device_value(own_output, np.float32))
+        else:
+            kind, index = ("cpu", 0) if to_host else self._memory
+            binding.bind_output(output, kind, index)
+        session.run_with_iobinding(binding, options)
         result: ort.OrtValue = binding.get_outputs()[0]
         return result
 
@@ -136,11 +169,19 @@ class GraphChain:
         return np.asarray(self._binding(buffers, shape, "head", route).get_outputs()[0].numpy())
 
     def _buffers(self, shape: tuple[int, int]) -> _ShapeBuffers:
-        table = self._shared if self.cuda_graphs else self._local.__dict__.setdefault("buffers", {})
+        table: OrderedDict[tuple[int, int], _ShapeBuffers]
+        table = self._shared if self.cuda_graphs else self._local.__dict__.setdefault("buffers", OrderedDict())
         if shape not in table:
+            if not self.cuda_graphs and len(table) >= MAX_SHAPES:
+                table.popitem(last=False)  # captured graphs replay their buffers' addresses: never evict those
             table[shape] = _ShapeBuffers(self._device_value(shape, np.int64), self._device_value(shape, np.int64))
-        buffers: _ShapeBuffers = table[shape]
-        return buffers
+        table.move_to_end(shape)
+        return table[shape]
+
+    def cached_shapes(self) -> int:
+        """Batch shapes whose buffers this thread (or, with CUDA graphs, the chain) keeps."""
+        table = self._shared if self.cuda_graphs else self._local.__dict__.get("buffers", {})
+        return len(table)
 
     def _binding(self, buffers: _ShapeBuffers, shape: tuple[int, int], stage: str, route: str) -> ort.IOBinding:
         """The IO binding of one stage (encoder, pooling, head) for one shape, made on first use."""

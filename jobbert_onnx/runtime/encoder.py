@@ -11,6 +11,7 @@ import numpy as np
 from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
 from jobbert_onnx.runtime.batching import check_buckets, plan_batches
 from jobbert_onnx.runtime.chain import GraphChain
+from jobbert_onnx.runtime.memory import trim_heap
 from jobbert_onnx.runtime.prefetch import prefetch
 from jobbert_onnx.runtime.progress import Progress
 from jobbert_onnx.runtime.sessions import Device, choose_device
@@ -24,6 +25,9 @@ TOKENIZE_CHUNK = 8192
 # a quarter of the speed (benchmarks/RESULTS.md).
 CUDA_BUCKETS = (8, 16, 32, 64)
 CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
+# Batches of more padded tokens than this (512 full-length skill lists) release their
+# memory after running instead of keeping it in onnxruntime's arenas (benchmarks/RESULTS.md).
+SHRINK_ABOVE_TOKENS = 32768
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,10 @@ def check_texts(sentences: object) -> tuple[list[str], bool]:
 
     Raises:
         TypeError: Not a string or a list/tuple of strings; names the first bad item.
+        ValueError: A string holds a lone surrogate; names it.
     """
     if isinstance(sentences, str):
+        _check_unicode(sentences, 0)
         return [sentences], True
     if not isinstance(sentences, (list, tuple)):
         hint = " (convert it with .tolist())" if type(sentences).__name__ == "ndarray" else ""
@@ -57,7 +63,21 @@ def check_texts(sentences: object) -> tuple[list[str], bool]:
     for index, item in enumerate(sentences):
         if not isinstance(item, str):
             raise TypeError(f"sentences[{index}] is {type(item).__name__}, not str; every item must be a string")
+        if not item.isascii():
+            _check_unicode(item, index)
     return list(sentences), False
+
+
+def _check_unicode(text: str, index: int) -> None:
+    """Refuse lone surrogates (text decoded with errors='surrogateescape', or broken JSON escapes):
+    they are not Unicode, and the tokenizer cannot read them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"sentences[{index}] holds a lone surrogate {text[error.start]!r} at character {error.start}, "
+            "which is not valid Unicode; decode the source with errors='replace' or fix it"
+        ) from None
 
 
 class Encoder:
@@ -97,6 +117,7 @@ class Encoder:
         cuda_graphs: bool = False,
         spinning: bool = False,
         verify: bool = True,
+        shrink_above_tokens: int | None = SHRINK_ABOVE_TOKENS,
     ) -> Encoder:
         """Load an export folder written by `jobbert-onnx export`.
 
@@ -122,6 +143,10 @@ class Encoder:
                 (about a second per GB); False skips it for the fastest start-up.
             spinning: Let onnxruntime's idle threads spin for work (off: spinning threads of
                 one chained session slow the next one down; benchmarks/RESULTS.md).
+            shrink_above_tokens: A batch of more padded tokens (rows x length) runs with
+                fresh buffers and shrinks onnxruntime's memory arenas afterwards, and a call
+                of more tokens returns freed heap pages to the OS, so one huge batch does not
+                hold its memory for the life of the process; None: never.
 
         Raises:
             ManifestError: The folder is not a complete export, lacks `precision`, or a file
@@ -140,6 +165,8 @@ class Encoder:
             buckets = CUDA_BUCKETS if on_cuda or cuda_graphs else CPU_BUCKETS
         if cuda_graphs and buckets is None:
             raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets='auto'")
+        if shrink_above_tokens is not None and (not isinstance(shrink_above_tokens, int) or shrink_above_tokens < 1):
+            raise ValueError(f"shrink_above_tokens must be a positive integer or None; got {shrink_above_tokens!r}")
         if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
             raise ValueError(f"token_budget must be a positive integer or None; got {token_budget!r}")
         scheduling = Scheduling(
@@ -156,6 +183,7 @@ class Encoder:
             reuse_buffers=reuse_buffers,
             cuda_graphs=cuda_graphs,
             spinning=spinning,
+            shrink_above_tokens=shrink_above_tokens,
         )
         return cls(manifest, chain, scheduling)
 
@@ -232,7 +260,8 @@ class Encoder:
 
         Raises:
             TypeError: `sentences` is not a string or a list of strings.
-            ValueError: Unknown task, or an option this runtime does not support.
+            ValueError: Unknown task, an option this runtime does not support, or a text
+                with a lone surrogate. Every input is checked before any is encoded.
         """
         texts, single = check_texts(sentences)
         route = self.resolve_task(task)
@@ -251,10 +280,13 @@ class Encoder:
         if self.scheduling.overlap:
             batches = prefetch(batches)
         progress = Progress(len(texts), bool(show_progress_bar))
+        padded_tokens = 0
         for rows, batch in batches:
             out[rows] = self.chain.run(batch, route)[: len(rows)]
+            padded_tokens += batch.input_ids.size
             progress.update(len(rows))
         progress.close()
+        self._release_after(padded_tokens)
 
         if truncate_dim is not None:
             out = np.ascontiguousarray(out[:, :truncate_dim])
@@ -271,9 +303,18 @@ class Encoder:
         """
         route = self.resolve_task(task)
         out = np.empty((len(tokenized.ids), self.get_sentence_embedding_dimension()), dtype=np.float32)
+        padded_tokens = 0
         for rows, batch in self._plan(tokenized, batch_size, offset=0):
             out[rows] = self.chain.run(batch, route)[: len(rows)]
+            padded_tokens += batch.input_ids.size
+        self._release_after(padded_tokens)
         return out
+
+    def _release_after(self, padded_tokens: int) -> None:
+        """After a call larger than `shrink_above_tokens`, give freed heap pages back to the OS."""
+        limit = self.chain.shrink_above_tokens
+        if limit is not None and padded_tokens > limit:
+            trim_heap()
 
     def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
         """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it."""

@@ -38,7 +38,9 @@ class Device:
 
     def providers(self, cuda_graphs: bool = False) -> list[str | tuple[str, dict[str, str]]]:
         if self.kind == "cuda":
-            options = {"device_id": str(self.index)}
+            # The arena grows by what is asked, not to the next power of two (which can
+            # hold twice the memory a large batch needs).
+            options = {"device_id": str(self.index), "arena_extend_strategy": "kSameAsRequested"}
             if cuda_graphs:
                 options["enable_cuda_graph"] = "1"
             return [(CUDA, options), CPU]

@@ -91,7 +91,9 @@ def parse_request(
             param=unknown[0],
         )
 
-    model = payload.get("model", served_model)
+    model = payload.get("model")
+    if model is None:
+        model = served_model
     if not isinstance(model, str):
         raise ApiError(400, f"'model' must be a string; got {_kind(model)}", param="model")
     if model != served_model:
@@ -104,7 +106,7 @@ def parse_request(
 
     texts = _texts(payload.get("input"), max_inputs, max_chars)
 
-    encoding_format = payload.get("encoding_format", "float")
+    encoding_format = payload.get("encoding_format")
     if encoding_format is None:
         encoding_format = "float"
     if encoding_format not in ENCODING_FORMATS:

@@ -216,10 +216,14 @@ class _CountRequests:
 
 async def _http_error(request: Request, error: Exception) -> Response:
     status = error.status_code if isinstance(error, HTTPException) else 500
-    message = {404: f"no route {request.url.path}; see GET /openapi.json", 405: "method not allowed"}.get(
-        status, "request failed"
-    )
-    return Response(ApiError(status, message).body(), status_code=status, media_type="application/json")
+    headers = dict(error.headers or {}) if isinstance(error, HTTPException) else {}
+    allowed = headers.get("Allow", "")
+    message = {
+        404: f"no route {request.url.path}; see GET /openapi.json",
+        405: f"{request.method} is not allowed on {request.url.path}; use {allowed or 'another method'}",
+    }.get(status, "request failed")
+    body = ApiError(status, message).body()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
 
 
 async def _internal_error(request: Request, error: Exception) -> Response:

@@ -27,16 +27,17 @@ def openapi(model: str, dimensions: int, max_inputs: int) -> dict[str, Any]:
                 ],
                 "description": "A text, or a list of texts (each truncated to the model's 64 tokens).",
             },
-            "model": {"type": "string", "enum": [model]},
-            "encoding_format": {"type": "string", "enum": list(ENCODING_FORMATS), "default": "float"},
+            # optional fields may also be null (clients that serialize None): the default applies
+            "model": {"type": ["string", "null"], "enum": [model, None]},
+            "encoding_format": {"type": ["string", "null"], "enum": [*ENCODING_FORMATS, None], "default": "float"},
             "input_type": {
-                "type": "string",
-                "enum": sorted(INPUT_TYPE_ALIASES),
+                "type": ["string", "null"],
+                "enum": [*sorted(INPUT_TYPE_ALIASES), None],
                 "description": "The head: anchor (alias title, query) for job titles; "
                 "positive (alias skills, document) for skill lists. Default: anchor.",
             },
-            "dimensions": {"type": "integer", "enum": [dimensions]},
-            "user": {"type": "string"},
+            "dimensions": {"type": ["integer", "null"], "enum": [dimensions, None]},
+            "user": {"type": ["string", "null"]},
         },
     }
     embedding = {

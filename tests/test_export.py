@@ -267,3 +267,31 @@ def test_pickled_weights_load_only_with_the_explicit_flag(
     reference = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32")
     for task in ("anchor", "positive"):
         np.testing.assert_array_equal(pickled.encode(texts, task=task), reference.encode(texts, task=task))
+
+
+def test_killed_export_never_leaves_something_that_loads(tiny_models: dict, tmp_path: Path) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from jobbert_onnx.manifest import ManifestError
+
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobbert_onnx", "export", str(tiny_models["router"]), str(out)]
+    command += ["--precision", "fp32", "--validate-device", "cpu"]
+    kills = 0
+    for delay in (1.5, 3.5, 5.5):  # while loading, exporting and validating
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(delay)
+        if process.poll() is not None:
+            break
+        os.kill(process.pid, signal.SIGKILL)
+        kills += 1
+        process.wait()
+        with pytest.raises(ManifestError):
+            Encoder.load(out, device="cpu")
+    assert kills >= 2, "the export finished before it could be killed twice"
+    assert subprocess.run(command, capture_output=True).returncode == 0
+    assert Encoder.load(out, device="cpu").encode("Koch").shape == (1024,)

@@ -39,17 +39,22 @@ def test_newer_schema_is_refused(export_copy: Path) -> None:
         Encoder.load(export_copy, device="cpu")
 
 
-def test_missing_file_is_named(export_copy: Path) -> None:
-    (export_copy / "head_positive.onnx").unlink()
-    with pytest.raises(ManifestError, match="head_positive.onnx is listed in the manifest but missing"):
-        Encoder.load(export_copy, device="cpu")
+EXPORT_FILES = ["encoder.int8.onnx", "pooling.onnx", "head_anchor.onnx", "head_positive.onnx", "tokenizer.json"]
 
 
-def test_truncated_file_is_named(export_copy: Path) -> None:
-    path = export_copy / "encoder.int8.onnx"
-    path.write_bytes(path.read_bytes()[:1000])
-    with pytest.raises(ManifestError, match=r"encoder\.int8\.onnx has 1000 bytes but the manifest records"):
-        Encoder.load(export_copy, device="cpu")
+@pytest.mark.parametrize("name", EXPORT_FILES)
+def test_missing_file_is_named(export_copy: Path, name: str) -> None:
+    (export_copy / name).unlink()
+    with pytest.raises(ManifestError, match=rf"{name.replace('.', '[.]')} is listed in the manifest but missing"):
+        Encoder.load(export_copy, device="cpu", precision="int8")
+
+
+@pytest.mark.parametrize("name", EXPORT_FILES)
+def test_truncated_file_is_named(export_copy: Path, name: str) -> None:
+    path = export_copy / name
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ManifestError, match=rf"{name.replace('.', '[.]')} has 100 bytes but the manifest records"):
+        Encoder.load(export_copy, device="cpu", precision="int8")
 
 
 def test_not_json(export_copy: Path) -> None:
@@ -58,9 +63,7 @@ def test_not_json(export_copy: Path) -> None:
         Encoder.load(export_copy, device="cpu")
 
 
-@pytest.mark.parametrize(
-    "name", ["encoder.int8.onnx", "pooling.onnx", "head_anchor.onnx", "head_positive.onnx", "tokenizer.json"]
-)
+@pytest.mark.parametrize("name", EXPORT_FILES)
 def test_corrupted_file_is_named(export_copy: Path, name: str) -> None:
     path = export_copy / name
     data = bytearray(path.read_bytes())

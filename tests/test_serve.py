@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -261,3 +263,34 @@ def test_two_workers_share_the_port_and_sum_their_metrics(model_dir: Path) -> No
         assert float(line.split()[-1]) == 40
         assert sum("listening on" in line for line in pool.log) == 2
         assert pool.terminate() == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--max-queue-texts", "10"], "--max-queue-texts (10) must be at least --max-inputs (2048)"),
+        (["--workers", "0"], "--workers must be a positive integer"),
+        (["--port", "70000"], "--port must be in [0, 65535]"),
+        (["--api-key", " "], "the API key is empty"),
+    ],
+)
+def test_bad_settings_are_refused_before_start(model_dir: Path, args: list[str], message: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobbert_onnx", "serve", str(model_dir), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"jobbert-onnx serve: error: {message}" in result.stderr
+
+
+def test_a_folder_that_is_not_an_export_is_refused(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobbert_onnx", "serve", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "manifest.json" in result.stderr

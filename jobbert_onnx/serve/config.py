@@ -58,7 +58,6 @@ class ServeConfig:
     def check(self) -> ServeConfig:
         """Return self, or raise ValueError naming the setting to fix."""
         positive = {
-            "port": self.port + 1,  # 0 is allowed
             "workers": self.workers,
             "max_batch_texts": self.max_batch_texts,
             "max_batch_tokens": self.max_batch_tokens,

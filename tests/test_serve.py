@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -294,3 +296,30 @@ def test_a_folder_that_is_not_an_export_is_refused(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "manifest.json" in result.stderr
+
+
+def test_a_crashed_worker_is_restarted(model_dir: Path) -> None:
+    with ServerProcess(model_dir, "--workers", "2") as pool:
+        pids = [int(line.split("(pid ")[1].split(",")[0]) for line in pool.log if "listening on" in line]
+        assert len(pids) == 2
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while sum("listening on" in line for line in pool.log) < 3:
+            assert time.monotonic() < deadline, "".join(pool.log)
+            time.sleep(0.1)
+        assert any("worker 0 exited with -9; restarting it" in line for line in pool.log)
+        pool.wait_ready()
+        codes = [pool.post({"input": f"title {i}"}).status_code for i in range(20)]
+        assert codes == [200] * 20
+        assert pool.terminate() == 0
+
+
+def test_workers_that_cannot_start_stop_the_server(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "jobbert_onnx", "serve", str(tmp_path), "--port", "0", "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1
+    assert "manifest.json" in result.stderr and "at start-up; stopping" in result.stderr

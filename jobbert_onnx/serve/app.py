@@ -33,11 +33,12 @@ log = logging.getLogger("jobbert_onnx.serve")
 class _Server:
     """State shared by the routes of one process."""
 
-    def __init__(self, encoder: Encoder, config: ServeConfig) -> None:
+    def __init__(self, encoder: Encoder, config: ServeConfig, warmed: bool) -> None:
         self.encoder = encoder
         self.config = config
         self.metrics = Metrics()
         self.ready = False
+        self._warmed = warmed
         self.queue: BatchQueue | None = None
         self._api_key = config.api_key.encode() if config.api_key else None
         self._spec = orjson.dumps(
@@ -170,7 +171,8 @@ class _Server:
 
     async def _warm_up(self) -> None:
         started = time.perf_counter()
-        await asyncio.to_thread(warm_up, self.encoder, self.config.max_batch_texts)
+        if not self._warmed:
+            await asyncio.to_thread(warm_up, self.encoder, self.config.max_batch_texts)
         self.ready = True
         self.metrics.ready.set(1)
         log.info("ready: every length bucket ran once (%.1f s)", time.perf_counter() - started)
@@ -232,9 +234,10 @@ async def _internal_error(request: Request, error: Exception) -> Response:
     return Response(body, status_code=500, media_type="application/json")
 
 
-def build_app(encoder: Encoder, config: ServeConfig) -> Any:
-    """The ASGI app serving `encoder` under `config` (the queue starts with the app's lifespan)."""
-    server = _Server(encoder, config)
+def build_app(encoder: Encoder, config: ServeConfig, warmed: bool = False) -> Any:
+    """The ASGI app serving `encoder` under `config` (the queue starts with the app's lifespan;
+    `warmed`: `warm_up` already ran, so it is ready at once)."""
+    server = _Server(encoder, config, warmed)
     routes = [
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),

@@ -3,8 +3,9 @@
 Several workers (``--workers N`` per device, ``--device cuda:0,cuda:1`` for one
 group per GPU) each load the model and run their own queue; they bind the same
 port with SO_REUSEPORT and the kernel spreads connections over them. A small
-supervisor forwards SIGTERM/SIGINT to them, restarts one that dies, and sums
-their metrics through prometheus_client's multiprocess directory.
+supervisor forwards SIGTERM/SIGINT to them, restarts one that dies after it has
+loaded the model (one that fails to start stops the server: it would fail
+again), and sums their metrics through prometheus_client's multiprocess directory.
 """
 
 from __future__ import annotations
@@ -23,8 +24,6 @@ from typing import Any
 from jobbert_onnx.serve.config import ServeConfig
 
 log = logging.getLogger("jobbert_onnx.serve")
-# A worker that dies sooner than this after starting is not restarted (it would die again).
-_MIN_UPTIME_S = 15.0
 
 
 def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
@@ -50,13 +49,20 @@ def serve(config: ServeConfig, announce: Callable[[str], None]) -> int:
     plan = [device for device in config.devices for _ in range(config.workers)]
     if len(plan) == 1:
         sock = bind(config.host, config.port)
-        return run_worker(config.for_worker(plan[0], config.threads), sock, announce)
+        return run_worker(config.for_worker(plan[0], config.threads), lambda: sock, announce, warm_first=False)
     threads = config.threads or max(1, (os.cpu_count() or 1) // len(plan))
     return _supervise(config, [config.for_worker(device, threads) for device in plan], announce)
 
 
-def run_worker(config: ServeConfig, sock: socket.socket, announce: Callable[[str], None]) -> int:
-    """Load the model, warm it in the background, and serve on `sock` until told to stop."""
+def run_worker(
+    config: ServeConfig, listen: Callable[[], socket.socket], announce: Callable[[str], None], warm_first: bool
+) -> int:
+    """Load the model and serve on the socket `listen` gives until told to stop.
+
+    A single server listens at once and warms up in the background (``/ready`` says
+    when it is done). A worker of several warms up first and only then listens, so the
+    kernel never hands a connection to a worker that is not ready, also after a restart.
+    """
     import uvicorn
 
     from jobbert_onnx.runtime import Encoder
@@ -69,7 +75,12 @@ def run_worker(config: ServeConfig, sock: socket.socket, announce: Callable[[str
         threads=config.threads,
         verify=config.verify,
     )
-    app = build_app(encoder, config)
+    if warm_first:
+        from jobbert_onnx.serve.app import warm_up
+
+        warm_up(encoder, config.max_batch_texts)
+    app = build_app(encoder, config, warmed=warm_first)
+    sock = listen()
     host, port = sock.getsockname()[:2]
     announce(
         f"listening on http://{host}:{port} (pid {os.getpid()}, {encoder.device}, {encoder.precision}, "
@@ -95,11 +106,15 @@ def run_worker(config: ServeConfig, sock: socket.socket, announce: Callable[[str
     return 0
 
 
-def _worker_main(config: ServeConfig, host: str, port: int) -> None:
+def _worker_main(config: ServeConfig, host: str, port: int, started: Any) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def announce(line: str) -> None:
+        print(f"jobbert-onnx serve: {line}", file=sys.stderr, flush=True)
+        started.set()  # the model loaded: from now on a death is a crash, not a bad start
+
     try:
-        sock = bind(host, port, reuse_port=True)
-        code = run_worker(config, sock, lambda line: print(f"jobbert-onnx serve: {line}", file=sys.stderr, flush=True))
+        code = run_worker(config, lambda: bind(host, port, reuse_port=True), announce, warm_first=True)
     except Exception as error:
         print(f"jobbert-onnx serve: worker error: {error}", file=sys.stderr, flush=True)
         code = 1
@@ -123,9 +138,10 @@ def _supervise(config: ServeConfig, workers: list[ServeConfig], announce: Callab
     context = multiprocessing.get_context("spawn")
 
     def start(worker: ServeConfig) -> Any:
-        process = context.Process(target=_worker_main, args=(worker, config.host, port), daemon=False)
+        started = context.Event()
+        process = context.Process(target=_worker_main, args=(worker, config.host, port, started), daemon=False)
         process.start()
-        return process, time.monotonic()
+        return process, started
 
     stopping = False
 
@@ -144,7 +160,7 @@ def _supervise(config: ServeConfig, workers: list[ServeConfig], announce: Callab
                 if process.is_alive():
                     continue
                 multiprocess.mark_process_dead(process.pid)
-                if time.monotonic() - started < _MIN_UPTIME_S:
+                if not started.is_set():  # it would fail again: stop rather than loop
                     announce(f"worker {slot} exited with {process.exitcode} at start-up; stopping")
                     failed = True
                     break

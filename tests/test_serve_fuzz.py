@@ -47,7 +47,8 @@ def test_schemathesis_finds_no_server_error(server: ServerProcess, tiny_exports:
     command = [sys.executable, "-m", "schemathesis.cli"] if shutil.which("schemathesis") is None else ["schemathesis"]
     result = subprocess.run(
         [
-            *command, "run", f"{server.url}/openapi.json",
+            *command, "--config-file", str(Path(__file__).with_name("schemathesis.toml")),
+            "run", f"{server.url}/openapi.json",
             "--checks", "all", "--mode", "all", "--max-examples", "300", "--seed", "7",
             "--request-timeout", "20", "--report-dir", str(tmp_path),
         ],

@@ -61,6 +61,14 @@ class ServerProcess:
             time.sleep(0.05)
         raise RuntimeError("the server did not become ready:\n" + "".join(self.log))
 
+    def wait_for_log(self, fragment: str, count: int = 1, timeout: float = 120) -> None:
+        """Wait until `count` lines of the server's log contain `fragment`."""
+        deadline = time.monotonic() + timeout
+        while sum(fragment in line for line in self.log) < count:
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"expected {count} log lines with {fragment!r}:\n" + "".join(self.log))
+            time.sleep(0.05)
+
     def post(self, body: object, headers: dict[str, str] | None = None, timeout: float = 30) -> httpx.Response:
         return httpx.post(f"{self.url}/v1/embeddings", json=body, headers=headers, timeout=timeout)
 

@@ -211,3 +211,27 @@ def test_no_progress_bar_in_a_pipe(model: Path, tmp_path: Path) -> None:
     done = subprocess.run([*command, "--task", "anchor", "--device", "cpu"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "embedded 100 of 100 rows" in done.stderr
+
+
+def test_a_part_whose_report_was_cut_short_is_redone(model: Path, tmp_path: Path) -> None:
+    """A kill while a part's report is written must not break the resume (found by the kill test under load)."""
+    source = tmp_path / "in.txt"
+    source.write_text("".join(t + "\n" for t in _titles(80)))
+    clean = _job(model, source, tmp_path / "clean.parquet")
+    _run(clean)
+
+    job = _job(model, source, tmp_path / "out.parquet")
+    encode = local_encoder(job.model_dir, job.task, job.batch_size, "cpu", job.precision)
+
+    def stop_after_three(chunks):  # type: ignore[no-untyped-def]
+        for done, vectors in enumerate(encode(chunks)):
+            if done == 3:
+                raise KeyboardInterrupt
+            yield vectors
+
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(job, stop_after_three, log=lambda _: None)
+    parts = partial_folder(Path(job.output))
+    (parts / "part-000002.report.json").write_text("")  # as a kill in the middle of writing it left it
+    _run(job, resume=True)
+    assert Path(job.output).read_bytes() == (tmp_path / "clean.parquet").read_bytes()

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from jobbert_onnx.batch.reader import Rows, TableReader, fingerprint
-from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, part_name, write_part
+from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, part_name, write_json, write_part
 from jobbert_onnx.manifest import MANIFEST_NAME, sha256_file
 from jobbert_onnx.runtime.progress import Progress
 
@@ -119,15 +119,24 @@ def _prepare(job: EmbedJob, resume: bool, overwrite: bool) -> tuple[Path, int]:
             )
         done = 0
         suffix = output.suffix.lower()
-        while (parts / part_name(done, suffix)).is_file() and (parts / part_name(done, ".report.json")).is_file():
+        while _part_done(parts, done, suffix):
             done += 1
         return parts, done
     output.parent.mkdir(parents=True, exist_ok=True)
     parts.mkdir(exist_ok=True)
-    tmp = parts / "job.json.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(parts / "job.json")
+    write_json(parts / "job.json", record)
     return parts, 0
+
+
+def _part_done(parts: Path, index: int, suffix: str) -> bool:
+    """A part counts as done when its vectors and its readable report are both there."""
+    if not (parts / part_name(index, suffix)).is_file():
+        return False
+    try:
+        notes = json.loads((parts / part_name(index, ".report.json")).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(notes, dict) and "rows" in notes
 
 
 def run_embed(
@@ -186,7 +195,7 @@ def run_embed(
                 raise EmbedError(f"part {index}: {len(keep)} texts but {vectors.shape[0]} vectors came back")
             write_part(parts, index, suffix, ids, cells, vectors)
             # The part's report is written after the part: a part counts as done only with both.
-            (parts / part_name(index, ".report.json")).write_text(json.dumps({"rows": len(rows.cells), **notes}))
+            write_json(parts / part_name(index, ".report.json"), {"rows": len(rows.cells), **notes})
             index += 1
             bar.update(len(rows.cells))
     except KeyboardInterrupt:

@@ -37,11 +37,12 @@ def write_part(folder: Path, index: int, suffix: str, ids: list[Any], texts: lis
     else:
         with open(tmp, "wb") as handle:
             np.save(handle, vectors)
-        _atomic_json(folder / part_name(index, ".ids.json"), ids)
+        write_json(folder / part_name(index, ".ids.json"), ids)
     os.replace(tmp, target)
 
 
-def _atomic_json(path: Path, value: Any) -> None:
+def write_json(path: Path, value: Any) -> None:
+    """Write JSON under a temporary name, then rename: a kill never leaves a half-written file."""
     tmp = _atomic(path)
     tmp.write_text(json.dumps(value, ensure_ascii=False))
     os.replace(tmp, path)

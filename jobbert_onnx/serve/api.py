@@ -57,7 +57,6 @@ class ApiError(Exception):
 class EmbeddingRequest:
     texts: list[str]
     route: str
-    input_type: str
     encoding_format: str
     model: str
 
@@ -133,7 +132,6 @@ def parse_request(
     return EmbeddingRequest(
         texts=texts,
         route=route,
-        input_type=route if input_type is None else str(input_type),
         encoding_format=encoding_format,
         model=model,
     )

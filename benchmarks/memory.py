@@ -18,6 +18,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,7 @@ def _words() -> list[str]:
     return " ".join(pool).split()
 
 
-def random_calls(count: int, seed: int) -> Any:
+def random_calls(count: int, seed: int) -> Iterator[tuple[list[str], str]]:
     """(texts, task) pairs: 1-16 texts of 1-80 words each, either head."""
     rng = random.Random(seed)
     words = _words()

@@ -142,17 +142,16 @@ def _random_model(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import logging
     import os
 
     try:
         from jobbert_onnx.serve import ServeConfig
         from jobbert_onnx.serve.config import API_KEY_ENV
-        from jobbert_onnx.serve.workers import serve
+        from jobbert_onnx.serve.workers import serve, setup_logging
     except ImportError as error:
         raise ImportError(f"{error}; the server needs: pip install 'jobbert-onnx[serve]'") from None
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     config = ServeConfig(
         model_dir=str(args.model_dir),
         host=args.host,
@@ -174,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_texts=args.log_texts,
         verify=not args.no_verify,
     )
-    return serve(config, lambda line: print(f"jobbert-onnx serve: {line}", file=sys.stderr, flush=True))
+    return serve(config)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -275,18 +275,10 @@ class Encoder:
         if prompt:
             texts = [prompt + text for text in texts]
 
-        out = np.empty((len(texts), self.get_sentence_embedding_dimension()), dtype=np.float32)
         batches = self._batches(texts, batch_size)
         if self.scheduling.overlap:
             batches = prefetch(batches)
-        progress = Progress(len(texts), bool(show_progress_bar))
-        padded_tokens = 0
-        for rows, batch in batches:
-            out[rows] = self.chain.run(batch, route)[: len(rows)]
-            padded_tokens += batch.input_ids.size
-            progress.update(len(rows))
-        progress.close()
-        self._release_after(padded_tokens)
+        out = self._run(batches, len(texts), route, Progress(len(texts), bool(show_progress_bar)))
 
         if truncate_dim is not None:
             out = np.ascontiguousarray(out[:, :truncate_dim])
@@ -302,19 +294,26 @@ class Encoder:
         batches and to report usage; batches are planned exactly as in `encode`.
         """
         route = self.resolve_task(task)
-        out = np.empty((len(tokenized.ids), self.get_sentence_embedding_dimension()), dtype=np.float32)
+        return self._run(self._plan(tokenized, batch_size, offset=0), len(tokenized.ids), route)
+
+    def _run(
+        self, batches: Iterator[tuple[np.ndarray, Batch]], count: int, route: str, progress: Progress | None = None
+    ) -> np.ndarray:
+        """Vectors [count, dim] in input order; after a call of more than `shrink_above_tokens`
+        padded tokens, freed heap pages go back to the OS."""
+        out = np.empty((count, self.get_sentence_embedding_dimension()), dtype=np.float32)
         padded_tokens = 0
-        for rows, batch in self._plan(tokenized, batch_size, offset=0):
+        for rows, batch in batches:
             out[rows] = self.chain.run(batch, route)[: len(rows)]
             padded_tokens += batch.input_ids.size
-        self._release_after(padded_tokens)
-        return out
-
-    def _release_after(self, padded_tokens: int) -> None:
-        """After a call larger than `shrink_above_tokens`, give freed heap pages back to the OS."""
+            if progress is not None:
+                progress.update(len(rows))
+        if progress is not None:
+            progress.close()
         limit = self.chain.shrink_above_tokens
         if limit is not None and padded_tokens > limit:
             trim_heap()
+        return out
 
     def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
         """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it."""

@@ -251,5 +251,4 @@ def build_app(encoder: Encoder, config: ServeConfig, warmed: bool = False) -> An
         lifespan=server.lifespan,
         exception_handlers={HTTPException: _http_error, Exception: _internal_error},
     )
-    app.state.server = server
     return _CountRequests(app, server.metrics)

@@ -26,8 +26,17 @@ from jobbert_onnx.serve.config import ServeConfig
 log = logging.getLogger("jobbert_onnx.serve")
 
 
-def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
-    """A listening TCP socket on (host, port); port 0 picks a free one."""
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def announce(line: str) -> None:
+    """A line for the operator (and the tests) on stderr."""
+    print(f"jobbert-onnx serve: {line}", file=sys.stderr, flush=True)
+
+
+def bind(host: str, port: int, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to (host, port), listening unless told not to; port 0 picks a free one."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -38,12 +47,13 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     except OSError as error:
         sock.close()
         raise RuntimeError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port") from None
-    sock.listen(2048)
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(False)
     return sock
 
 
-def serve(config: ServeConfig, announce: Callable[[str], None]) -> int:
+def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status (0 after a graceful stop)."""
     config.check()
     plan = [device for device in config.devices for _ in range(config.workers)]
@@ -51,7 +61,7 @@ def serve(config: ServeConfig, announce: Callable[[str], None]) -> int:
         sock = bind(config.host, config.port)
         return run_worker(config.for_worker(plan[0], config.threads), lambda: sock, announce, warm_first=False)
     threads = config.threads or max(1, (os.cpu_count() or 1) // len(plan))
-    return _supervise(config, [config.for_worker(device, threads) for device in plan], announce)
+    return _supervise(config, [config.for_worker(device, threads) for device in plan])
 
 
 def run_worker(
@@ -107,21 +117,21 @@ def run_worker(
 
 
 def _worker_main(config: ServeConfig, host: str, port: int, started: Any) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
-    def announce(line: str) -> None:
-        print(f"jobbert-onnx serve: {line}", file=sys.stderr, flush=True)
+    def announce_started(line: str) -> None:
+        announce(line)
         started.set()  # the model loaded: from now on a death is a crash, not a bad start
 
     try:
-        code = run_worker(config, lambda: bind(host, port, reuse_port=True), announce, warm_first=True)
+        code = run_worker(config, lambda: bind(host, port, reuse_port=True), announce_started, warm_first=True)
     except Exception as error:
-        print(f"jobbert-onnx serve: worker error: {error}", file=sys.stderr, flush=True)
+        announce(f"worker error: {error}")
         code = 1
     sys.exit(code)
 
 
-def _supervise(config: ServeConfig, workers: list[ServeConfig], announce: Callable[[str], None]) -> int:
+def _supervise(config: ServeConfig, workers: list[ServeConfig]) -> int:
     from prometheus_client import multiprocess
 
     metrics_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
@@ -130,10 +140,7 @@ def _supervise(config: ServeConfig, workers: list[ServeConfig], announce: Callab
         owned_dir = tempfile.TemporaryDirectory(prefix="jobbert-onnx-metrics-")
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = owned_dir.name
     # Hold the port (bound, not listening) so port 0 resolves once for every worker.
-    holder = socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET, socket.SOCK_STREAM)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    holder.bind((config.host, config.port))
+    holder = bind(config.host, config.port, reuse_port=True, listen=False)
     port = holder.getsockname()[1]
     context = multiprocessing.get_context("spawn")
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobbert_onnx import Encoder, samples
+from jobbert_onnx import Encoder, Tuning, samples
 
 
 def rss_mib(field: str = "VmRSS") -> float:
@@ -79,8 +79,8 @@ def soak(model: Path, count: int, precision: str | None, warmup: int, seed: int)
 
 
 def huge(model: Path, rows: int, shrink: bool, precision: str | None) -> dict[str, Any]:
-    options: dict[str, Any] = {} if shrink else {"shrink_above_tokens": None}
-    encoder = Encoder.load(model, device="cpu", precision=precision, **options)
+    tuning = Tuning() if shrink else Tuning(shrink_above_tokens=0)
+    encoder = Encoder.load(model, device="cpu", precision=precision, tuning=tuning)
     long_text = " ".join(_words()[:200])
     for _ in range(5):
         encoder.encode([long_text] * 32, batch_size=32)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobbert_onnx.manifest import ManifestError
+from jobbert_onnx.manifest import ATTENTION_MASKS, ManifestError
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -28,6 +28,7 @@ def _export(args: argparse.Namespace) -> int:
         validate_device=args.validate_device,
         log=log,
         allow_pickle=args.allow_pickle,
+        attention_mask=args.attention_mask,
     )
     return 0
 
@@ -193,6 +194,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
     export.add_argument("--validate-device", default="auto", help="where to run the validation: auto, cuda, cpu")
+    export.add_argument(
+        "--attention-mask",
+        choices=ATTENTION_MASKS,
+        help="how every encoder variant's Attention nodes take the padding mask (default: lengths-starts for fp16, "
+        "which CUDA's fused attention kernels accept on every GPU; lengths for the CPU variants)",
+    )
     export.add_argument(
         "--allow-pickle",
         action="store_true",

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
-SCHEMA_VERSION = 2
+# 3: pooling selects real tokens with Where (NaN-safe); variants record their attention mask form.
+SCHEMA_VERSION = 3
 FORMAT_NAME = "jobbert-onnx"
 
 # Encoder variants an export can hold. Pooling and heads are shared and stay fp32.
@@ -23,6 +24,15 @@ PRECISIONS = ("fp16", "fp32", "int8")
 # CPU: fastest first, as measured by the benchmark (int8 ~3.5x fp32 on titles;
 # fp16 has no CPU kernels worth having and runs no faster than fp32).
 PREFERENCE = {"cuda": ("fp16", "fp32"), "cpu": ("int8", "fp32", "fp16")}
+# The forms of the fused Attention nodes' mask input, as onnxruntime's attention kernels classify it
+# (the exporter's `graphs.set_attention_mask` writes them; a variant records its form):
+# - "lengths": [batch] key lengths (the transformer optimizer's default for BERT). On CUDA only
+#   TensorRT's fused runner takes it, and that runner has no kernels for sm_90 (H100/H200).
+# - "lengths-starts": [3 * batch + 2] key lengths, query starts and key starts. CUDA's
+#   memory-efficient (cutlass) attention takes it on every GPU from sm_50 on, sm_90 included;
+#   the CPU kernel reads the first `batch` entries as the same key lengths.
+# - "2d": the [batch, sequence] 0/1 mask itself; only the unfused kernels take it.
+ATTENTION_MASKS = ("lengths", "lengths-starts", "2d")
 POOLING_FILE = "pooling.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -59,10 +69,11 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 @dataclass(frozen=True)
 class Variant:
-    """One encoder graph of an export: its precision, file, and validation figures."""
+    """One encoder graph of an export: its precision, file, attention mask form, and validation figures."""
 
     precision: str
     file: str
+    attention_mask: str
     validation: dict[str, Any]
 
 
@@ -173,7 +184,9 @@ def read_manifest(folder: str | Path) -> Manifest:
         arch = raw["architecture"]
         files = raw["files"]
         variants = {
-            str(name): Variant(str(name), str(facts["file"]), dict(facts.get("validation") or {}))
+            str(name): Variant(
+                str(name), str(facts["file"]), str(facts["attention_mask"]), dict(facts.get("validation") or {})
+            )
             for name, facts in raw["variants"].items()
         }
         manifest = Manifest(

@@ -6,6 +6,7 @@ downloaded, and nothing outside the repository is read.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +16,38 @@ import pytest
 from jobbert_onnx import Encoder, samples
 from jobbert_onnx.export import export_model
 from jobbert_onnx.export.random_model import build_random_model
+from jobbert_onnx.runtime.sessions import REQUIRE_CUDA_ENV, cuda_required
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--require-cuda",
+        action="store_true",
+        help=f"GPU tests fail, not skip, where CUDA cannot be used; sets {REQUIRE_CUDA_ENV}=1 (the GPU proof does)",
+    )
+    parser.addoption("--full-model", type=Path, help="a full-size model folder to use instead of building one")
+    parser.addoption("--full-export", type=Path, help="its export (with fp16, fp32 and int8) to use instead")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.getoption("--require-cuda"):
+        os.environ[REQUIRE_CUDA_ENV] = "1"
 
 
 def _quiet(_: str) -> None:
     pass
+
+
+@pytest.fixture(scope="session")
+def cuda_ready() -> None:
+    """Skip where CUDA cannot be used, or fail there when CUDA is required (``--require-cuda``)."""
+    from jobbert_onnx.runtime.sessions import _cuda_blocker
+
+    blocker = _cuda_blocker()
+    if blocker is not None:
+        if cuda_required():
+            pytest.fail(f"CUDA is required ({REQUIRE_CUDA_ENV}) but cannot be used: {blocker}")
+        pytest.skip(f"no usable CUDA here: {blocker}")
 
 
 @pytest.fixture(scope="session")
@@ -47,16 +76,24 @@ def tiny_exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
-def full_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The full-size JobBERT-v3 architecture (278M parameters) with random weights."""
+def full_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The full-size JobBERT-v3 architecture (278M parameters) with random weights (or ``--full-model``)."""
+    given: Path | None = request.config.getoption("--full-model")
+    if given is not None:
+        return given
     return build_random_model(tmp_path_factory.mktemp("full") / "model", size="full", layout="router", seed=0)
 
 
 @pytest.fixture(scope="session")
-def full_exports(full_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """precision -> export of the full-size model: one folder with all three variants (3-4 minutes on two cores)."""
-    folder = tmp_path_factory.mktemp("full-exports") / "export"
-    export_model(str(full_model), folder, precision="fp16,fp32,int8", log=_quiet)
+def full_exports(
+    request: pytest.FixtureRequest, full_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """precision -> export of the full-size model: one folder with all three variants (3-4 minutes on two cores),
+    or ``--full-export``."""
+    folder: Path | None = request.config.getoption("--full-export")
+    if folder is None:
+        folder = tmp_path_factory.mktemp("full-exports") / "export"
+        export_model(str(full_model), folder, precision="fp16,fp32,int8", log=_quiet)
     return {"fp32": folder, "fp16": folder, "int8": folder}
 
 

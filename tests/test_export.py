@@ -55,7 +55,7 @@ def test_axes_are_dynamic(tiny_exports: dict) -> None:
 def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
     folder = tiny_exports[("router", "fp16")]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 2
+    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 3
     assert list(manifest["variants"]) == ["fp16", "fp32", "int8"] and manifest["opset"] == 17
     source = manifest["source"]
     assert source["model"] == str(tiny_models["router"]) and source["revision"] is None
@@ -108,6 +108,10 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
             assert required[name][0] <= head["min_cosine"] <= head["mean_cosine"] <= 1.0 + 1e-9, (name, route)
     assert manifest["variants"]["fp16"]["nodes"]["Attention"] == TINY_LAYERS
     assert manifest["variants"]["int8"]["nodes"]["QAttention"] == TINY_LAYERS
+    masks = {name: variant["attention_mask"] for name, variant in manifest["variants"].items()}
+    assert masks == {"fp16": "lengths-starts", "fp32": "lengths", "int8": "lengths"}
+    assert "fp16 arithmetic" in manifest["variants"]["fp16"]["validation"]["note"], "fp16 on the CPU says so"
+    assert "note" not in manifest["variants"]["fp32"]["validation"]
 
 
 def test_legacy_layout_is_read(tiny_models: dict) -> None:

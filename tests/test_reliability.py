@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobbert_onnx import Encoder
+from jobbert_onnx import Encoder, Tuning
 from jobbert_onnx.runtime.chain import MAX_SHAPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +93,7 @@ def test_ten_thousand_mixed_items(encoder: Encoder) -> None:
 @pytest.mark.parametrize("reuse_buffers", [False, True])
 def test_twelve_threads_at_once_match_a_sequential_run(tiny_exports: dict, reuse_buffers: bool) -> None:
     folder = tiny_exports[("router", "fp32")]
-    encoder = Encoder.load(folder, device="cpu", precision="fp32", reuse_buffers=reuse_buffers)
+    encoder = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=reuse_buffers))
     rng = np.random.default_rng(1)
     words = "Software Engineer Pflegefachkraft Ingeniero datos python sql docker 软件 工程师 Koch Küche".split()
     jobs = []
@@ -126,7 +126,9 @@ def test_twelve_threads_at_once_match_a_sequential_run(tiny_exports: dict, reuse
 
 
 def test_reused_buffers_keep_a_bounded_number_of_shapes(tiny_exports: dict) -> None:
-    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", reuse_buffers=True)
+    encoder = Encoder.load(
+        tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=True)
+    )
     for rows in range(1, 3 * MAX_SHAPES):
         encoder.encode(["Data Analyst"] * rows, batch_size=rows)
     assert encoder.chain.cached_shapes() == MAX_SHAPES
@@ -135,14 +137,18 @@ def test_reused_buffers_keep_a_bounded_number_of_shapes(tiny_exports: dict) -> N
 def test_huge_batches_run_outside_the_cached_buffers(tiny_exports: dict) -> None:
     folder = tiny_exports[("router", "fp32")]
     texts = ["python, sql, docker, " * 20] * 40
-    small_limit = Encoder.load(folder, device="cpu", precision="fp32", reuse_buffers=True, shrink_above_tokens=100)
-    unlimited = Encoder.load(folder, device="cpu", precision="fp32", reuse_buffers=True, shrink_above_tokens=None)
+    small_limit = Encoder.load(
+        folder, device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=True, shrink_above_tokens=100)
+    )
+    unlimited = Encoder.load(
+        folder, device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=True, shrink_above_tokens=0)
+    )
     vectors = small_limit.encode(texts, batch_size=40)
     np.testing.assert_allclose(vectors, unlimited.encode(texts, batch_size=40), atol=1e-6)
     assert small_limit.chain.cached_shapes() == 0
     assert unlimited.chain.cached_shapes() == 1
     with pytest.raises(ValueError, match="shrink_above_tokens must be a positive integer"):
-        Encoder.load(folder, device="cpu", shrink_above_tokens=0)
+        Encoder.load(folder, device="cpu", tuning=Tuning(shrink_above_tokens=-1))
 
 
 def _memory(*args: str) -> dict:

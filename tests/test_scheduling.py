@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import assert_close, parity_texts
 
-from jobbert_onnx import Encoder, ManifestError, samples
+from jobbert_onnx import Encoder, ManifestError, Tuning, samples
 from jobbert_onnx.manifest import read_manifest
 from jobbert_onnx.runtime import encoder as encoder_module
 from jobbert_onnx.runtime.batching import check_buckets, plan_batches
@@ -81,9 +81,20 @@ def test_plans_with_buckets_and_token_budget() -> None:
     tight = plan_batches(lengths, 256, buckets, token_budget=1024, pad_to_bucket=False)
     assert [p.rows.tolist() for p in tight] == [p.rows.tolist() for p in plans]
     assert all(p.width == lengths[p.rows].max() for p in tight)
-    fixed = plan_batches(lengths, 256, buckets, token_budget=1024, fixed_height=True)
-    _check_plans(lengths, fixed, 256)
-    assert {(p.height, p.width) for p in fixed} == {(1024 // b, b) for b in buckets if (lengths <= b).any()}
+    rounded = plan_batches(lengths, 256, buckets, token_budget=1024, round_rows=True)
+    _check_plans(lengths, rounded, 256)
+    assert [p.rows.tolist() for p in rounded] == [p.rows.tolist() for p in plans]
+    for plan in rounded:
+        capacity = 1024 // plan.width
+        power_of_two = plan.height & (plan.height - 1) == 0
+        assert len(plan.rows) <= plan.height <= capacity and (power_of_two or plan.height == capacity)
+        assert plan.height < 2 * len(plan.rows), "never padded to more than twice its rows"
+
+
+def test_rounded_rows_give_one_title_a_one_row_batch() -> None:
+    assert [p.height for p in plan_batches(np.array([5]), 32, (8, 64), round_rows=True)] == [1]
+    heights = {p.height for n in range(1, 100) for p in plan_batches(np.full(n, 5), 32, (8, 64), round_rows=True)}
+    assert heights == {1, 2, 4, 8, 16, 32}, "few shapes, whatever the count"
 
 
 def test_bad_buckets_are_refused() -> None:
@@ -96,7 +107,10 @@ def test_extra_padding_rows_do_not_change_real_rows(encoder_fp32: Encoder) -> No
     rows = np.array([1, 0])
     plain = encoder_fp32.chain.run(encoder_fp32.tokenizer.pad(tokenized, rows), "anchor")
     padded_batch = encoder_fp32.tokenizer.pad(tokenized, rows, width=16, height=5)
-    assert padded_batch.input_ids.shape == (5, 16) and not padded_batch.attention_mask[2:].any()
+    assert padded_batch.input_ids.shape == (5, 16)
+    empty = encoder_fp32.tokenizer.tokenize([""]).ids[0]
+    assert (padded_batch.attention_mask[2:].sum(1) == len(empty)).all(), "filler rows are an empty text, never 0 keys"
+    assert (padded_batch.input_ids[2:, : len(empty)] == empty).all()
     padded = encoder_fp32.chain.run(padded_batch, "anchor")
     assert_close(padded[:2], plain, 1e-5, "real rows of a padded batch")
     assert np.isfinite(padded).all()
@@ -105,7 +119,7 @@ def test_extra_padding_rows_do_not_change_real_rows(encoder_fp32: Encoder) -> No
 @pytest.mark.parametrize(
     "options",
     [
-        {"buckets": None},
+        {"buckets": ()},
         {"buckets": (8, 16, 32, 64), "pad_to_bucket": True},
         {"buckets": (16, 64), "token_budget": 200},
         {"reuse_buffers": True},
@@ -117,14 +131,18 @@ def test_scheduling_options_give_the_same_vectors(
 ) -> None:
     monkeypatch.setattr(encoder_module, "TOKENIZE_CHUNK", 37)  # several chunks even for a small input
     texts = _mixed_texts()
-    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", **options)
+    encoder = Encoder.load(
+        tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=Tuning.from_options(options)
+    )
     for task in ("anchor", "positive"):
         expected = encoder_fp32.encode(texts, task=task, batch_size=16)
         assert_close(encoder.encode(texts, task=task, batch_size=16), expected, 1e-5, f"{options} {task}")
 
 
 def test_reused_buffers_are_safe_across_threads(tiny_exports: dict, encoder_fp32: Encoder) -> None:
-    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", reuse_buffers=True)
+    encoder = Encoder.load(
+        tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=True)
+    )
     texts = _mixed_texts()
     jobs = [(texts[i::4], ("anchor", "positive")[i % 2]) for i in range(8)]
     expected = [encoder_fp32.encode(t, task=task, batch_size=8) for t, task in jobs]
@@ -145,7 +163,7 @@ def test_reused_buffers_are_safe_across_threads(tiny_exports: dict, encoder_fp32
 
 def test_cuda_graphs_need_cuda(tiny_exports: dict) -> None:
     with pytest.raises(ValueError, match="cuda_graphs=True needs device='cuda'"):
-        Encoder.load(tiny_exports[("router", "fp16")], device="cpu", cuda_graphs=True)
+        Encoder.load(tiny_exports[("router", "fp16")], device="cpu", tuning=Tuning(cuda_graphs=True))
 
 
 def test_prefetch_keeps_order_and_raises_producer_errors() -> None:
@@ -182,7 +200,8 @@ def test_prefetch_stops_its_thread_when_the_consumer_stops() -> None:
 
 def test_spinning_reaches_every_session(tiny_exports: dict) -> None:
     for spinning, expected in ((False, "0"), (True, "1")):
-        encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", spinning=spinning)
+        tuning = Tuning(spinning=spinning)
+        encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=tuning)
         sessions = [encoder.chain.encoder, encoder.chain.pooling, *encoder.chain.heads.values()]
         for session in sessions:
             assert session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning") == expected

@@ -7,6 +7,10 @@ fp32, fp16 (for GPUs, with fp32 inputs and outputs) and int8 (dynamic
 quantization, for CPUs). Pooling and the heads are small enough to write
 directly; they stay in fp32 in every precision, so the masked sum, the division
 by the token count, and the Dense + Tanh keep full precision.
+
+The fused Attention nodes learn about padding from a mask input whose form
+decides which attention kernel onnxruntime may run (`ATTENTION_MASKS`). The
+tokenizer pads on the right, so every form below describes the same padding.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from jobbert_onnx.export.hf import load_encoder
 from jobbert_onnx.export.source import HeadSpec, ModelSpec, load_state
 from jobbert_onnx.manifest import (
     ATTENTION_MASK,
+    ATTENTION_MASKS,
     EMBEDDING,
     INPUT_IDS,
     PRECISIONS,
@@ -34,6 +39,10 @@ from jobbert_onnx.manifest import (
 
 OPSET = 17
 ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK)
+
+# Per precision: fp16 runs on GPUs, where a fused kernel needs "lengths-starts"; the CPU variants
+# keep the optimizer's form, which is what their benchmarks measured.
+DEFAULT_ATTENTION_MASK = {"fp16": "lengths-starts", "fp32": "lengths", "int8": "lengths"}
 
 
 def export_encoder(spec: ModelSpec, path: Path) -> None:
@@ -92,7 +101,77 @@ def fuse_encoder(raw: Path, out: Path, spec: ModelSpec) -> None:
     model.save_model_to_file(str(out))
 
 
-def write_variant(fused: Path, out: Path, precision: str) -> dict[str, int]:
+def set_attention_mask(model: onnx.ModelProto, form: str) -> None:
+    """Give every fused Attention node its padding mask in `form` (one of `ATTENTION_MASKS`), in place.
+
+    The optimizer feeds all Attention nodes one [batch] tensor of key lengths,
+    ``ReduceSum(Cast(attention_mask, int32), axis=1)``; the other forms are
+    computed from the same int32 mask, on the device, with no shape arithmetic
+    that would put a node on the CPU.
+    """
+    if form not in ATTENTION_MASKS:
+        raise ValueError(f"unknown attention mask form {form!r}; choose from: {', '.join(ATTENTION_MASKS)}")
+    attention = [node for node in model.graph.node if node.op_type == "Attention"]
+    lengths = {node.input[3] for node in attention if len(node.input) > 3}
+    producers = {output: node for node in model.graph.node for output in node.output}
+    source = producers.get(next(iter(lengths))) if len(lengths) == 1 else None
+    if not attention or source is None or source.op_type != "ReduceSum":
+        raise ValueError(
+            "the fused encoder's Attention nodes do not share one ReduceSum mask input; "
+            "this onnxruntime's optimizer fuses differently: export with another onnxruntime version"
+        )
+    mask_int32 = source.input[0]
+    if form == "lengths":
+        return
+    if form == "2d":
+        new_mask = mask_int32
+    else:
+        new_mask = "attention_mask_lengths_starts"
+        model.graph.initializer.extend(
+            [
+                numpy_helper.from_array(np.array(0, dtype=np.int32), "mask_zero"),
+                numpy_helper.from_array(np.array(1, dtype=np.int32), "mask_one"),
+                numpy_helper.from_array(np.array([0], dtype=np.int32), "mask_first_start"),
+                numpy_helper.from_array(np.array([1], dtype=np.int64), "mask_row_axis"),
+                numpy_helper.from_array(np.array(0, dtype=np.int64), "mask_batch_axis"),
+            ]
+        )
+        model.graph.node.extend(
+            [
+                # Each row's padded width, as a [batch] vector: starts are its running sum.
+                helper.make_node("Mul", [mask_int32, "mask_zero"], ["mask_zeros"]),
+                helper.make_node("Add", ["mask_zeros", "mask_one"], ["mask_ones"]),
+                helper.make_node("ReduceSum", ["mask_ones", "mask_row_axis"], ["mask_widths"], keepdims=0),
+                helper.make_node("CumSum", ["mask_widths", "mask_batch_axis"], ["mask_ends"]),
+                helper.make_node("Concat", ["mask_first_start", "mask_ends"], ["mask_starts"], axis=0),
+                helper.make_node("Concat", [source.output[0], "mask_starts", "mask_starts"], [new_mask], axis=0),
+            ]
+        )
+    for node in attention:
+        node.input[3] = new_mask
+    _topological_sort(model.graph)
+
+
+def _topological_sort(graph: onnx.GraphProto) -> None:
+    """Order nodes so every input is produced before it is read (appended nodes come last otherwise)."""
+    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    pending = list(graph.node)
+    ordered: list[onnx.NodeProto] = []
+    while pending:
+        still = [node for node in pending if not all(name in ready for name in node.input)]
+        done = [node for node in pending if all(name in ready for name in node.input)]
+        if not done:
+            stuck = still[0].name or still[0].op_type
+            raise ValueError(f"the encoder graph has a cycle or an unknown input at {stuck}")
+        for node in done:
+            ordered.append(node)
+            ready.update(node.output)
+        pending = still
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
+def write_variant(fused: Path, out: Path, precision: str, attention_mask: str | None = None) -> dict[str, int]:
     """Write the encoder in one precision from the fused fp32 graph.
 
     - fp32: the fused graph as it is.
@@ -103,40 +182,58 @@ def write_variant(fused: Path, out: Path, precision: str) -> dict[str, int]:
       quantized per batch at run time, and the word-embedding table stored as
       int8 (a quarter of the size, dequantized on lookup).
 
+    `attention_mask` is the form of the Attention nodes' mask input (`ATTENTION_MASKS`);
+    None takes the precision's default (`DEFAULT_ATTENTION_MASK`).
+
     Returns:
         Counts of the fused and quantized node types in the written graph.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+    form = attention_mask or DEFAULT_ATTENTION_MASK[precision]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if precision == "fp32":
-            shutil.copyfile(fused, out)
-        elif precision == "fp16":
-            from onnxruntime.transformers.onnx_model import OnnxModel
-
-            model = OnnxModel(onnx.load(str(fused)))
-            model.convert_float_to_float16(keep_io_types=True)
-            model.save_model_to_file(str(out))
-        else:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            # The quantizer logs a generic pre-processing hint on the root logger; the
-            # graph is already optimized, so the hint does not apply.
-            logging.disable(logging.WARNING)
-            try:
-                quantize_dynamic(
-                    str(fused),
-                    str(out),
-                    per_channel=True,
-                    weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["MatMul", "Attention", "Gather"],
-                    # The fused contrib ops carry no type information for shape inference.
-                    extra_options={"DefaultTensorType": TensorProto.FLOAT},
-                )
-            finally:
-                logging.disable(logging.NOTSET)
+        source = fused
+        if form != "lengths":
+            model = onnx.load(str(fused))
+            set_attention_mask(model, form)
+            source = out.with_name(out.name + ".mask.onnx")
+            onnx.save(model, str(source))
+        try:
+            _write_precision(source, out, precision)
+        finally:
+            if source != fused:
+                source.unlink(missing_ok=True)
     return fused_node_counts(onnx.load(str(out), load_external_data=False))
+
+
+def _write_precision(fused: Path, out: Path, precision: str) -> None:
+    if precision == "fp32":
+        shutil.copyfile(fused, out)
+    elif precision == "fp16":
+        from onnxruntime.transformers.onnx_model import OnnxModel
+
+        model = OnnxModel(onnx.load(str(fused)))
+        model.convert_float_to_float16(keep_io_types=True)
+        model.save_model_to_file(str(out))
+    else:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        # The quantizer logs a generic pre-processing hint on the root logger; the
+        # graph is already optimized, so the hint does not apply.
+        logging.disable(logging.WARNING)
+        try:
+            quantize_dynamic(
+                str(fused),
+                str(out),
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                op_types_to_quantize=["MatMul", "Attention", "Gather"],
+                # The fused contrib ops carry no type information for shape inference.
+                extra_options={"DefaultTensorType": TensorProto.FLOAT},
+            )
+        finally:
+            logging.disable(logging.NOTSET)
 
 
 def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -169,18 +266,22 @@ def _save(graph: onnx.GraphProto, path: Path) -> None:
 
 
 def write_pooling(path: Path, hidden_size: int) -> None:
-    """Mean pooling over real tokens: sum(h * mask) / max(sum(mask), 1e-9), in fp32.
+    """Mean pooling over real tokens: sum(where(mask, h, 0)) / max(sum(mask), 1e-9), in fp32.
 
     Matches sentence-transformers' Pooling(mean), including its clamp of the
-    token count, so an all-padding row gives zeros rather than NaN.
+    token count, so an all-padding row gives zeros rather than NaN. Padded
+    positions are selected away rather than multiplied by 0: whatever an
+    attention kernel leaves there (NaN, Inf) never reaches a row's vector, as
+    NaN x 0 would.
     """
     token = helper.make_tensor_value_info(TOKEN_EMBEDDINGS, TensorProto.FLOAT, ["batch", "sequence", hidden_size])
     mask = helper.make_tensor_value_info(ATTENTION_MASK, TensorProto.INT64, ["batch", "sequence"])
     out = helper.make_tensor_value_info(SENTENCE_EMBEDDING, TensorProto.FLOAT, ["batch", hidden_size])
     nodes = [
         helper.make_node("Cast", [ATTENTION_MASK], ["mask_f"], to=TensorProto.FLOAT),
-        helper.make_node("Unsqueeze", ["mask_f", "last_axis"], ["mask_3d"]),
-        helper.make_node("Mul", [TOKEN_EMBEDDINGS, "mask_3d"], ["masked"]),
+        helper.make_node("Cast", [ATTENTION_MASK], ["mask_b"], to=TensorProto.BOOL),
+        helper.make_node("Unsqueeze", ["mask_b", "last_axis"], ["mask_3d"]),
+        helper.make_node("Where", ["mask_3d", TOKEN_EMBEDDINGS, "zero"], ["masked"]),
         helper.make_node("ReduceSum", ["masked", "seq_axis"], ["summed"], keepdims=0),
         helper.make_node("ReduceSum", ["mask_f", "seq_axis"], ["count"], keepdims=1),
         helper.make_node("Max", ["count", "min_count"], ["count_safe"]),
@@ -190,6 +291,7 @@ def write_pooling(path: Path, hidden_size: int) -> None:
         numpy_helper.from_array(np.array([-1], dtype=np.int64), "last_axis"),
         numpy_helper.from_array(np.array([1], dtype=np.int64), "seq_axis"),
         numpy_helper.from_array(np.array(1e-9, dtype=np.float32), "min_count"),
+        numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero"),
     ]
     _save(helper.make_graph(nodes, "mean_pooling", [token, mask], [out], inits), path)
 

@@ -109,6 +109,7 @@ def export_model(
     validate_device: str = "auto",
     log: Callable[[str], None] = print,
     allow_pickle: bool = False,
+    attention_mask: str | None = None,
 ) -> dict[str, Any]:
     """Export JobBERT-v3 to ONNX graphs, validate them against PyTorch, and write the manifest.
 
@@ -127,6 +128,10 @@ def export_model(
         log: Receives one line per step.
         allow_pickle: Read ``pytorch_model.bin`` where a module has no safetensors file.
             Loading pickle can run code hidden in the file: only for sources you trust.
+        attention_mask: How the encoder's Attention nodes take the padding mask, for every
+            variant (``lengths``, ``lengths-starts``, ``2d``; see `graphs.ATTENTION_MASKS`);
+            None: per precision, ``lengths-starts`` for fp16 (a fused kernel on every NVIDIA
+            GPU) and ``lengths`` for the CPU variants.
 
     Returns:
         The manifest that was written.
@@ -136,6 +141,11 @@ def export_model(
         ExportValidationError: The graphs do not match PyTorch closely enough.
     """
     precisions = parse_precisions(precision)
+    if attention_mask is not None and attention_mask not in graphs.ATTENTION_MASKS:
+        raise ValueError(
+            f"unknown attention mask form {attention_mask!r}; choose from: {', '.join(graphs.ATTENTION_MASKS)}"
+        )
+    masks = {name: attention_mask or graphs.DEFAULT_ATTENTION_MASK[name] for name in precisions}
     output = Path(output_dir).expanduser().resolve()
     _prepare_output(output, overwrite)
     started = time.perf_counter()
@@ -151,8 +161,9 @@ def export_model(
             graphs.export_encoder(spec, trace / "encoder.raw.onnx")
             graphs.fuse_encoder(trace / "encoder.raw.onnx", trace / "encoder.fused.onnx", spec)
             for name in precisions:
-                nodes[name] = graphs.write_variant(trace / "encoder.fused.onnx", work / encoder_file(name), name)
-                log(f"encoder {name}: {nodes[name]}")
+                fused = trace / "encoder.fused.onnx"
+                nodes[name] = graphs.write_variant(fused, work / encoder_file(name), name, masks[name])
+                log(f"encoder {name}: {nodes[name]}, attention mask {masks[name]}")
         finally:
             shutil.rmtree(trace, ignore_errors=True)
         graphs.write_pooling(work / POOLING_FILE, spec.hidden_size)
@@ -172,7 +183,13 @@ def export_model(
             },
             "architecture": _architecture(spec),
             "variants": {
-                name: {"file": encoder_file(name), "nodes": nodes[name], "validation": None} for name in precisions
+                name: {
+                    "file": encoder_file(name),
+                    "nodes": nodes[name],
+                    "attention_mask": masks[name],
+                    "validation": None,
+                }
+                for name in precisions
             },
             "opset": graphs.OPSET,
             "versions": _versions(),
@@ -185,6 +202,8 @@ def export_model(
 
         log("validating against the PyTorch model ...")
         figures = validate_export(work, TorchReference(spec), samples.validation_sample(), validate_device)
+        if figures.get("cuda_unusable"):
+            log(f"CUDA is not usable, so fp16 and fp32 are validated on the CPU: {figures['cuda_unusable']}")
         for name, variant in figures["variants"].items():
             manifest["variants"][name]["validation"] = variant
             for route, head in variant["heads"].items():
@@ -192,6 +211,8 @@ def export_model(
                     f"  {name} {route}: min cosine {head['min_cosine']:.7f}, "
                     f"mean {head['mean_cosine']:.7f} ({variant['device']})"
                 )
+            if variant.get("note"):
+                log(f"  {name}: {variant['note']}")
         manifest["validation"] = {key: value for key, value in figures.items() if key != "variants"}
         _write_manifest(work, manifest)
         if not figures["passed"]:

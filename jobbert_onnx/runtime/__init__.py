@@ -3,5 +3,6 @@
 from jobbert_onnx.manifest import ManifestError
 from jobbert_onnx.runtime.encoder import Encoder
 from jobbert_onnx.runtime.sessions import DeviceError
+from jobbert_onnx.runtime.tuning import Tuning
 
-__all__ = ["DeviceError", "Encoder", "ManifestError"]
+__all__ = ["DeviceError", "Encoder", "ManifestError", "Tuning"]

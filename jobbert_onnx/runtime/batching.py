@@ -6,7 +6,9 @@ length of longer texts however large the batch; with `pad_to_bucket` (CUDA) a
 batch's sequence length is also rounded up to its bucket, which keeps the set
 of shapes small (what CUDA graphs and the GPU kernels' caches want). A
 `token_budget` caps rows x length, so a batch of short titles can hold more
-rows than one of 64-token skill lists.
+rows than one of 64-token skill lists. With `round_rows` (CUDA graphs) a
+batch's row count is rounded up to a power of two, so one title runs a batch of
+one row and not of `batch_size`, while the shapes stay few.
 """
 
 from __future__ import annotations
@@ -31,9 +33,8 @@ def check_buckets(buckets: Sequence[int], max_seq_length: int) -> tuple[int, ...
     chosen = tuple(sorted({int(b) for b in buckets}))
     if not chosen or chosen[0] < 1 or any(isinstance(b, bool) for b in buckets):
         raise ValueError(f"buckets must be positive sequence lengths, e.g. (16, 32, 64); got {list(buckets)}")
-    if chosen[-1] < max_seq_length:
-        chosen = (*chosen, max_seq_length)
-    return tuple(b for b in chosen if b <= max_seq_length)
+    kept = tuple(b for b in chosen if b < max_seq_length)
+    return (*kept, max_seq_length)
 
 
 def plan_batches(
@@ -41,7 +42,7 @@ def plan_batches(
     batch_size: int,
     buckets: tuple[int, ...] | None = None,
     token_budget: int | None = None,
-    fixed_height: bool = False,
+    round_rows: bool = False,
     pad_to_bucket: bool = True,
 ) -> list[BatchPlan]:
     """Group rows into batches, longest first.
@@ -52,8 +53,8 @@ def plan_batches(
         buckets: Allowed padded lengths (from `check_buckets`), or None to pad
             each batch to its own longest row.
         token_budget: Most padded tokens (rows x length) in one batch, or None.
-        fixed_height: Pad every batch of a bucket to that bucket's full row count
-            with all-padding rows, so each bucket has a single shape.
+        round_rows: Pad a batch with filler rows up to the next power of two (at most
+            the batch's capacity), so a bucket has few shapes.
         pad_to_bucket: Pad to the bucket's length rather than the batch's longest row.
     """
     order = np.argsort(-lengths, kind="stable")
@@ -67,7 +68,7 @@ def plan_batches(
         if buckets is not None:
             # Stay within the bucket: the next rows may belong to a shorter one.
             stop = start + int(np.searchsorted(-widths[start:stop], -width, side="right"))
-        height = capacity if fixed_height else stop - start
+        height = min(1 << (stop - start - 1).bit_length(), capacity) if round_rows else stop - start
         rows = order[start:stop]
         if buckets is not None and not pad_to_bucket:
             width = max(int(lengths[rows].max()), 1)

@@ -1,22 +1,35 @@
 """Tokens -> encoder -> pooling -> head -> vector: the graphs, chained with IO binding.
 
-Each stage's output stays where the graphs run (GPU memory on CUDA) and is
-bound as the next stage's input; only the head's [batch, dim] result is copied
-to the host. On the CPU the same chain runs in host memory, so the tests on
-CPU-only machines exercise the same binding code as the GPU.
+The chain is described once, as data: a `Stage` per graph, naming the values it
+reads and the one it writes. One loop (`GraphChain._execute`) runs the stages
+of a route over a `Buffers`, the owner of one batch shape's IO bindings. Every
+stage's output stays where the graphs run (GPU memory on CUDA) and is bound as
+the next stage's input; only the head's [batch, dim] result is copied to the
+host. On the CPU the same chain runs in host memory, so the tests on CPU-only
+machines exercise the same binding code as the GPU.
 
-With `reuse_buffers` (the default on CUDA) every batch shape gets its own set
-of device buffers, allocated once and updated in place; the inputs are copied
-into them and nothing else is allocated per batch. That is also what CUDA
-graphs need: a captured graph replays on the same addresses, so with
-`cuda_graphs` each (rows, length) shape is captured once under its own
-``gpu_graph_id`` and replayed after. Without CUDA graphs at most `MAX_SHAPES`
-shapes keep their buffers per thread (least recently used go first), so varied
-batch sizes cannot pile up device memory.
+Buffers are either kept per batch shape (`Tuning.reuse_buffers`, the default
+on CUDA): allocated once, inputs updated in place, nothing allocated per batch;
+or fresh for one run, with the outputs allocated by the sessions. At most
+`MAX_SHAPES` shapes keep their buffers per thread (least recently used go
+first), so varied batch sizes cannot pile up device memory.
 
-Memory: a batch of more than `shrink_above_tokens` padded tokens runs with
-fresh buffers and asks onnxruntime to shrink its memory arenas at the end of
-the run, so one huge batch does not keep its memory for the life of the process.
+CUDA graphs replay the addresses they were captured on, so with them each
+shape's buffers are kept for the life of the chain (one set, used under a
+lock) and the shape gets its own ``gpu_graph_id``. A new shape first runs with
+``gpu_graph_id=-1`` (no capture), which grows onnxruntime's arena for it and
+gives a reference; then it runs under its id until onnxruntime has captured
+(after two regular runs of that id) and replayed, and that first replay must
+match the reference. Every other run passes ``-1``, because a run without an id
+would capture under onnxruntime's default one. onnxruntime keeps captured
+graphs per thread, so the check is made once per thread and shape. At most
+`MAX_CUDA_GRAPHS` shapes are captured; further shapes run without a graph.
+
+Memory: a batch of more than `Tuning.shrink_above_tokens` padded tokens runs
+with fresh buffers that the sessions allocate. The caller then calls `release`
+once per call: one small run of the route that shrinks onnxruntime's arenas,
+after every large buffer is freed (a shrink at the end of each batch would
+synchronize the device each time, and could not free the outputs still held).
 """
 
 from __future__ import annotations
@@ -24,7 +37,7 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
@@ -40,185 +53,278 @@ from jobbert_onnx.manifest import (
     Variant,
     head_file,
 )
-from jobbert_onnx.runtime.sessions import Device, create_session
+from jobbert_onnx.runtime.sessions import Device, DeviceError, create_session
 from jobbert_onnx.runtime.tokenize import Batch
+from jobbert_onnx.runtime.tuning import Tuning
 
 # Batch shapes whose buffers are kept per thread (without CUDA graphs).
 MAX_SHAPES = 32
+# Batch shapes captured as CUDA graphs; further shapes run without one.
+MAX_CUDA_GRAPHS = 64
+# Runs under a new graph id until it has replayed: onnxruntime's CUDA provider makes two
+# regular runs of an id before it captures, and replays right after capturing.
+CAPTURE_RUNS = 3
+# Largest difference allowed between a first replay and the same batch run without a graph
+# (vectors lie in [-1, 1]; the two runs use the same kernels).
+REPLAY_TOLERANCE = 1e-3
+_NO_GRAPH = "-1"
+_TYPES = {np.dtype(np.int64): "tensor(int64)", np.dtype(np.float32): "tensor(float)"}
 
 
-@dataclass
-class _ShapeBuffers:
-    """Device buffers and IO bindings for one (rows, length) batch shape."""
+@dataclass(frozen=True)
+class Stage:
+    """One graph of the chain: the values it reads, the one it writes, and that value's shape."""
 
-    input_ids: ort.OrtValue
-    attention_mask: ort.OrtValue
-    bindings: dict[str, ort.IOBinding] = field(default_factory=dict)
+    key: str
+    session: ort.InferenceSession
+    inputs: tuple[str, ...]
+    output: str
+    per_token: bool
+    dim: int
+
+    def output_shape(self, rows: int, width: int) -> tuple[int, ...]:
+        return (rows, width, self.dim) if self.per_token else (rows, self.dim)
+
+
+class Buffers:
+    """The IO bindings of one batch shape.
+
+    Preallocated: every stage's output gets a device buffer here, bound once, so the
+    bindings replay on the same addresses (what CUDA graphs need). Otherwise the
+    sessions allocate each output when they run, from their own arenas.
+    """
+
+    def __init__(self, memory: tuple[str, int], shape: tuple[int, int], preallocated: bool) -> None:
+        self.memory = memory
+        self.shape = shape
+        self.preallocated = preallocated
+        self.values: dict[str, ort.OrtValue] = {}
+        self._bindings: dict[str, ort.IOBinding] = {}
+        if preallocated:
+            self.values = {name: self.allocate(shape, np.int64) for name in (INPUT_IDS, ATTENTION_MASK)}
+
+    def allocate(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
+        kind, index = self.memory
+        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, kind, index)
+
+    def load(self, batch: Batch) -> None:
+        """Copy a batch's inputs in (in place when preallocated)."""
+        if self.preallocated:
+            self.values[INPUT_IDS].update_inplace(batch.input_ids)
+            self.values[ATTENTION_MASK].update_inplace(batch.attention_mask)
+            return
+        kind, index = self.memory
+        self._bindings.clear()
+        self.values = {
+            INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(batch.input_ids, kind, index),
+            ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(batch.attention_mask, kind, index),
+        }
+
+    def binding(self, stage: Stage) -> ort.IOBinding:
+        """The stage's binding, made on first use from the values earlier stages wrote."""
+        binding = self._bindings.get(stage.key)
+        if binding is None:
+            binding = stage.session.io_binding()
+            for name in stage.inputs:
+                binding.bind_ortvalue_input(name, self.values[name])
+            if self.preallocated:
+                value = self.allocate(stage.output_shape(*self.shape), np.float32)
+                binding.bind_ortvalue_output(stage.output, value)
+                self.values[stage.output] = value
+            else:
+                binding.bind_output(stage.output, *self.memory)
+            self._bindings[stage.key] = binding
+        return binding
+
+    def output(self, stage: Stage) -> ort.OrtValue:
+        value: ort.OrtValue = self._bindings[stage.key].get_outputs()[0]
+        return value
+
+
+class _ShapeCache:
+    """Buffers by shape: least recently used go first, except pinned ones (captured graphs)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.table: OrderedDict[tuple[int, int], Buffers] = OrderedDict()
+        self.pinned: set[tuple[int, int]] = set()
+
+    def get(self, shape: tuple[int, int], make: type[Buffers], memory: tuple[str, int]) -> Buffers:
+        if shape not in self.table:
+            if len(self.table) >= self.limit:
+                for old in self.table:
+                    if old not in self.pinned:
+                        del self.table[old]
+                        break
+            self.table[shape] = make(memory, shape, preallocated=True)
+        self.table.move_to_end(shape)
+        return self.table[shape]
 
 
 class GraphChain:
-    """The sessions of one export variant on one device."""
+    """The sessions of one export variant on one device, and the loop that runs them."""
 
     def __init__(
-        self,
-        manifest: Manifest,
-        variant: Variant,
-        device: Device,
-        threads: int | None = None,
-        *,
-        reuse_buffers: bool | None = None,
-        cuda_graphs: bool = False,
-        spinning: bool = False,
-        shrink_above_tokens: int | None = None,
+        self, manifest: Manifest, variant: Variant, device: Device, tuning: Tuning, threads: int | None = None
     ) -> None:
-        if cuda_graphs and device.kind != "cuda":
-            raise ValueError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
+        if tuning.buckets is None:
+            raise ValueError("GraphChain needs a resolved Tuning: pass tuning.resolve(device.kind, max_seq_length)")
         self.device = device
         self.variant = variant
-        self.hidden_size = manifest.hidden_size
-        self.output_dim = manifest.output_dim
-        self.cuda_graphs = cuda_graphs
-        self.reuse_buffers = cuda_graphs or (device.kind == "cuda" if reuse_buffers is None else reuse_buffers)
+        self.tuning = tuning
+        self.cuda_graphs = bool(tuning.cuda_graphs)
         self._memory = ("cuda", device.index) if device.kind == "cuda" else ("cpu", 0)
-        self.shrink_above_tokens = shrink_above_tokens
-        self._shrink = ort.RunOptions()
-        arenas = f"gpu:{device.index};cpu:0" if device.kind == "cuda" else "cpu:0"
-        self._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
 
         def session(name: str) -> ort.InferenceSession:
-            return create_session(manifest.path(name), device, threads, spinning=spinning, cuda_graphs=cuda_graphs)
+            return create_session(
+                manifest.path(name), device, threads, spinning=bool(tuning.spinning), cuda_graphs=self.cuda_graphs
+            )
 
         self.encoder = session(variant.file)
         self.pooling = session(POOLING_FILE)
         self.heads = {route: session(head_file(route)) for route in manifest.routes}
-        _expect(self.encoder, [INPUT_IDS, ATTENTION_MASK], [TOKEN_EMBEDDINGS], variant.file)
-        _expect(self.pooling, [TOKEN_EMBEDDINGS, ATTENTION_MASK], [SENTENCE_EMBEDDING], POOLING_FILE)
-        for route, head in self.heads.items():
-            _expect(head, [SENTENCE_EMBEDDING], [EMBEDDING], head_file(route))
+        hidden, dim = manifest.hidden_size, manifest.output_dim
+        encoder = Stage("encoder", self.encoder, (INPUT_IDS, ATTENTION_MASK), TOKEN_EMBEDDINGS, True, hidden)
+        pooling = Stage("pooling", self.pooling, (TOKEN_EMBEDDINGS, ATTENTION_MASK), SENTENCE_EMBEDDING, False, hidden)
+        self.routes = {
+            route: (encoder, pooling, Stage(f"head:{route}", head, (SENTENCE_EMBEDDING,), EMBEDDING, False, dim))
+            for route, head in self.heads.items()
+        }
+        _expect(encoder, variant.file, {INPUT_IDS: np.int64, ATTENTION_MASK: np.int64})
+        _expect(pooling, POOLING_FILE, {TOKEN_EMBEDDINGS: np.float32, ATTENTION_MASK: np.int64})
+        for route, stages in self.routes.items():
+            _expect(stages[-1], head_file(route), {SENTENCE_EMBEDDING: np.float32})
 
+        self._options = {_NO_GRAPH: _run_options("gpu_graph_id", _NO_GRAPH)}
+        arenas = f"gpu:{device.index};cpu:0" if device.kind == "cuda" else "cpu:0"
+        self._shrink = _run_options("memory.enable_memory_arena_shrinkage", arenas)
         # Buffers are per thread, so concurrent `run`s never share them; CUDA graphs
         # replay fixed addresses, so with them there is one set, used under a lock.
         self._local = threading.local()
-        self._shared: OrderedDict[tuple[int, int], _ShapeBuffers] = OrderedDict()
-        self._graph_ids: dict[tuple[int, int], int] = {}
-        self._lock: AbstractContextManager[object] = threading.Lock() if cuda_graphs else nullcontext()
+        self._shared = _ShapeCache(MAX_SHAPES + MAX_CUDA_GRAPHS)
+        self._graph_ids: dict[tuple[int, int], str] = {}
+        self._lock: AbstractContextManager[object] = threading.Lock() if self.cuda_graphs else nullcontext()
+
+    def is_huge(self, batch: Batch) -> bool:
+        """Whether the batch runs with fresh buffers and calls for a `release` after the call."""
+        limit = self.tuning.shrink_above_tokens
+        return bool(limit) and batch.input_ids.size > int(limit or 0)
 
     def run(self, batch: Batch, route: str) -> np.ndarray:
         """Vectors [batch, dim] (float32, host memory) for one padded batch."""
-        huge = self.shrink_above_tokens is not None and batch.input_ids.size > self.shrink_above_tokens
-        if self.reuse_buffers and not (huge and not self.cuda_graphs):
-            with self._lock:
-                return self._run_reusing(batch, route)
-        return self.stages(batch, route, shrink=huge)[EMBEDDING].numpy()
-
-    def stages(self, batch: Batch, route: str, shrink: bool = False) -> dict[str, ort.OrtValue]:
-        """Run the chain with fresh buffers and return every stage's output, keyed by graph output name.
-
-        Token and sentence embeddings stay in the device's memory; only the
-        head's output is in host memory. With `shrink`, the stage outputs are
-        allocated outside the arenas and the arenas shrink after each run.
-        """
-        kind, index = self._memory
-        input_ids = ort.OrtValue.ortvalue_from_numpy(batch.input_ids, kind, index)
-        mask = ort.OrtValue.ortvalue_from_numpy(batch.attention_mask, kind, index)
-        rows, width = batch.input_ids.shape
-        options = self._shrink if shrink else None
-        token_shape = (rows, width, self.hidden_size) if shrink else None
-        tokens = self._stage(
-            self.encoder, {INPUT_IDS: input_ids, ATTENTION_MASK: mask}, TOKEN_EMBEDDINGS, options, token_shape
-        )
-        pooled = self._stage(
-            self.pooling, {TOKEN_EMBEDDINGS: tokens, ATTENTION_MASK: mask}, SENTENCE_EMBEDDING, options
-        )
-        vectors = self._stage(self.heads[route], {SENTENCE_EMBEDDING: pooled}, EMBEDDING, options, to_host=True)
-        return {TOKEN_EMBEDDINGS: tokens, SENTENCE_EMBEDDING: pooled, EMBEDDING: vectors}
-
-    def _stage(
-        self,
-        session: ort.InferenceSession,
-        inputs: dict[str, ort.OrtValue],
-        output: str,
-        options: ort.RunOptions | None = None,
-        own_output: tuple[int, ...] | None = None,
-        to_host: bool = False,
-    ) -> ort.OrtValue:
-        binding = session.io_binding()
-        for name, value in inputs.items():
-            binding.bind_ortvalue_input(name, value)
-        if own_output is not None:  # allocated here, freed with its OrtValue, never kept by an arena
-            binding.bind_ortvalue_output(output, self._device_value(own_output, np.float32))
-        else:
-            kind, index = ("cpu", 0) if to_host else self._memory
-            binding.bind_output(output, kind, index)
-        session.run_with_iobinding(binding, options)
-        result: ort.OrtValue = binding.get_outputs()[0]
-        return result
-
-    def _run_reusing(self, batch: Batch, route: str) -> np.ndarray:
+        stages = self.routes[route]
+        if not self.tuning.reuse_buffers or self.is_huge(batch):
+            return self._execute(stages, self.fresh(batch), self._plain).numpy()
         shape = (int(batch.input_ids.shape[0]), int(batch.input_ids.shape[1]))
-        buffers = self._buffers(shape)
-        buffers.input_ids.update_inplace(batch.input_ids)
-        buffers.attention_mask.update_inplace(batch.attention_mask)
-        options = None
-        if self.cuda_graphs:
-            options = ort.RunOptions()
-            graph_id = self._graph_ids.setdefault(shape, len(self._graph_ids) + 1)
-            options.add_run_config_entry("gpu_graph_id", str(graph_id))
-        for stage, session in (("encoder", self.encoder), ("pooling", self.pooling), ("head", self.heads[route])):
-            session.run_with_iobinding(self._binding(buffers, shape, stage, route), options)
-        return np.asarray(self._binding(buffers, shape, "head", route).get_outputs()[0].numpy())
+        with self._lock:
+            buffers = self._cache().get(shape, Buffers, self._memory)
+            buffers.load(batch)
+            if not self.cuda_graphs:
+                return self._execute(stages, buffers, None).numpy()
+            return self._run_graph(stages, buffers)
 
-    def _buffers(self, shape: tuple[int, int]) -> _ShapeBuffers:
-        table: OrderedDict[tuple[int, int], _ShapeBuffers]
-        table = self._shared if self.cuda_graphs else self._local.__dict__.setdefault("buffers", OrderedDict())
-        if shape not in table:
-            if not self.cuda_graphs and len(table) >= MAX_SHAPES:
-                table.popitem(last=False)  # captured graphs replay their buffers' addresses: never evict those
-            table[shape] = _ShapeBuffers(self._device_value(shape, np.int64), self._device_value(shape, np.int64))
-        table.move_to_end(shape)
-        return table[shape]
+    def outputs(self, batch: Batch, route: str) -> dict[str, ort.OrtValue]:
+        """Every stage's output for one batch, keyed by graph output name, all in the device's memory."""
+        stages = self.routes[route]
+        values = self._execute(stages, self.fresh(batch), self._plain).buffers.values
+        return {stage.output: values[stage.output] for stage in stages}
+
+    def release(self, route: str) -> None:
+        """Shrink onnxruntime's arenas once, after a call that ran huge batches (never with CUDA graphs)."""
+        if self.cuda_graphs:
+            return
+        one = Batch(input_ids=np.full((1, 1), 0, dtype=np.int64), attention_mask=np.ones((1, 1), dtype=np.int64))
+        buffers = Buffers(self._memory, (1, 1), preallocated=True)  # outside the arenas that are to shrink
+        buffers.load(one)
+        self._execute(self.routes[route], buffers, self._shrink)
 
     def cached_shapes(self) -> int:
         """Batch shapes whose buffers this thread (or, with CUDA graphs, the chain) keeps."""
-        table = self._shared if self.cuda_graphs else self._local.__dict__.get("buffers", {})
-        return len(table)
+        return len(self._cache().table)
 
-    def _binding(self, buffers: _ShapeBuffers, shape: tuple[int, int], stage: str, route: str) -> ort.IOBinding:
-        """The IO binding of one stage (encoder, pooling, head) for one shape, made on first use."""
-        key = f"head:{route}" if stage == "head" else stage
-        if key in buffers.bindings:
-            return buffers.bindings[key]
-        rows, width = shape
-        if stage == "encoder":
-            binding = self.encoder.io_binding()
-            binding.bind_ortvalue_input(INPUT_IDS, buffers.input_ids)
-            binding.bind_ortvalue_input(ATTENTION_MASK, buffers.attention_mask)
-            tokens = self._device_value((rows, width, self.hidden_size), np.float32)
-            binding.bind_ortvalue_output(TOKEN_EMBEDDINGS, tokens)
-        elif stage == "pooling":
-            binding = self.pooling.io_binding()
-            tokens = self._binding(buffers, shape, "encoder", route).get_outputs()[0]
-            binding.bind_ortvalue_input(TOKEN_EMBEDDINGS, tokens)
-            binding.bind_ortvalue_input(ATTENTION_MASK, buffers.attention_mask)
-            binding.bind_ortvalue_output(SENTENCE_EMBEDDING, self._device_value((rows, self.hidden_size), np.float32))
-        else:
-            binding = self.heads[route].io_binding()
-            pooled = self._binding(buffers, shape, "pooling", route).get_outputs()[0]
-            binding.bind_ortvalue_input(SENTENCE_EMBEDDING, pooled)
-            binding.bind_ortvalue_output(EMBEDDING, self._device_value((rows, self.output_dim), np.float32))
-        buffers.bindings[key] = binding
-        return binding
+    def captured_shapes(self) -> list[tuple[int, int]]:
+        """Shapes given a CUDA graph id, in the order they were captured."""
+        return list(self._graph_ids)
 
-    def _device_value(self, shape: tuple[int, ...], dtype: type) -> ort.OrtValue:
-        kind, index = self._memory
-        return ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, kind, index)
+    def _execute(self, stages: tuple[Stage, ...], buffers: Buffers, options: ort.RunOptions | None) -> _Result:
+        """The one run loop: each stage in order, its inputs bound to the values the earlier stages wrote."""
+        for stage in stages:
+            stage.session.run_with_iobinding(buffers.binding(stage), options)
+            if not buffers.preallocated:  # the session allocated it: known only now
+                buffers.values[stage.output] = buffers.output(stage)
+        return _Result(buffers, stages[-1])
+
+    def _run_graph(self, stages: tuple[Stage, ...], buffers: Buffers) -> np.ndarray:
+        shape = buffers.shape
+        graph_id = self._graph_ids.get(shape)
+        if graph_id is None:
+            if len(self._graph_ids) >= MAX_CUDA_GRAPHS:
+                return self._execute(stages, buffers, self._plain).numpy()
+            graph_id = self._graph_ids[shape] = str(len(self._graph_ids) + 1)
+            self._shared.pinned.add(shape)
+            self._options[graph_id] = _run_options("gpu_graph_id", graph_id)
+        checked: set[tuple[int, int]] = self._local.__dict__.setdefault("replayed", set())
+        options = self._options[graph_id]
+        if shape in checked:
+            return self._execute(stages, buffers, options).numpy()
+        reference = self._execute(stages, buffers, self._plain).numpy()
+        for _ in range(CAPTURE_RUNS):
+            replayed = self._execute(stages, buffers, options).numpy()
+        difference = float(np.abs(replayed - reference).max())
+        if not difference <= REPLAY_TOLERANCE:
+            raise DeviceError(
+                f"the CUDA graph captured for batch shape {shape} replays to vectors that differ from a run "
+                f"without it by {difference:.3g} (> {REPLAY_TOLERANCE}): load with cuda_graphs=False"
+            )
+        checked.add(shape)
+        return replayed
+
+    @property
+    def _plain(self) -> ort.RunOptions | None:
+        """Options of a run that must not capture: with CUDA graphs on, gpu_graph_id=-1."""
+        return self._options[_NO_GRAPH] if self.cuda_graphs else None
+
+    def fresh(self, batch: Batch) -> Buffers:
+        """Buffers for one run of `batch`: its inputs copied to the device, outputs left to the sessions."""
+        buffers = Buffers(self._memory, (int(batch.input_ids.shape[0]), int(batch.input_ids.shape[1])), False)
+        buffers.load(batch)
+        return buffers
+
+    def _cache(self) -> _ShapeCache:
+        if self.cuda_graphs:
+            return self._shared
+        cache: _ShapeCache = self._local.__dict__.setdefault("cache", _ShapeCache(MAX_SHAPES))
+        return cache
 
 
-def _expect(session: ort.InferenceSession, inputs: list[str], outputs: list[str], name: str) -> None:
-    found_in = [i.name for i in session.get_inputs()]
-    found_out = [o.name for o in session.get_outputs()]
-    if sorted(found_in) != sorted(inputs) or found_out != outputs:
+@dataclass(frozen=True)
+class _Result:
+    """What a run left in its buffers; the last stage's output is the route's vectors."""
+
+    buffers: Buffers
+    last: Stage
+
+    def numpy(self) -> np.ndarray:
+        """The vectors in host memory, owned by the caller."""
+        vectors = np.asarray(self.buffers.output(self.last).numpy())
+        # On the CPU numpy() is a view: of a buffer the next batch of this shape overwrites.
+        return vectors.copy() if self.buffers.preallocated and self.buffers.memory[0] == "cpu" else vectors
+
+
+def _run_options(key: str, value: str) -> ort.RunOptions:
+    options = ort.RunOptions()
+    options.add_run_config_entry(key, value)
+    return options
+
+
+def _expect(stage: Stage, name: str, inputs: dict[str, type]) -> None:
+    """Check a graph's inputs and output (names and types) once, at load."""
+    found_in = {i.name: i.type for i in stage.session.get_inputs()}
+    found_out = {o.name: o.type for o in stage.session.get_outputs()}
+    wanted_in = {key: _TYPES[np.dtype(dtype)] for key, dtype in inputs.items()}
+    wanted_out = {stage.output: _TYPES[np.dtype(np.float32)]}
+    if found_in != wanted_in or found_out != wanted_out:
         raise ValueError(
-            f"{name} takes {found_in} and gives {found_out}; expected {inputs} -> {outputs}. "
+            f"{name} takes {found_in} and gives {found_out}; expected {wanted_in} -> {wanted_out}. "
             "The file is not from a compatible export: export the model again"
         )

@@ -3,48 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
-from jobbert_onnx.runtime.batching import check_buckets, plan_batches
+from jobbert_onnx.runtime.batching import BatchPlan, plan_batches
 from jobbert_onnx.runtime.chain import GraphChain
 from jobbert_onnx.runtime.memory import trim_heap
 from jobbert_onnx.runtime.prefetch import prefetch
 from jobbert_onnx.runtime.progress import Progress
 from jobbert_onnx.runtime.sessions import Device, choose_device
 from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer, Tokenized
+from jobbert_onnx.runtime.tuning import Tuning
 
 # Texts tokenized together; batches are formed (longest first) within such a chunk.
 TOKENIZE_CHUNK = 8192
-# Length buckets: batches never cross one. On CUDA batches are also padded to their
-# bucket (few shapes for the kernels and CUDA graphs); on the CPU only to their longest
-# row, and finer buckets cut padding further. Large title batches without buckets ran at
-# a quarter of the speed (benchmarks/RESULTS.md).
-CUDA_BUCKETS = (8, 16, 32, 64)
-CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
-# Batches of more padded tokens than this (512 full-length skill lists) release their
-# memory after running instead of keeping it in onnxruntime's arenas (benchmarks/RESULTS.md).
-SHRINK_ABOVE_TOKENS = 32768
-
-
-@dataclass(frozen=True)
-class Scheduling:
-    """How texts become batches on the loaded device (defaults depend on the device).
-
-    Attributes:
-        buckets: Length buckets no batch crosses, or None (batches of `batch_size` longest first).
-        token_budget: Most padded tokens per batch, or None for `batch_size` rows.
-        overlap: Tokenize and pad the next batches in a thread while the current one runs.
-        pad_to_bucket: Pad batches to their bucket's length (CUDA), not their longest row.
-    """
-
-    buckets: tuple[int, ...] | None
-    token_budget: int | None
-    overlap: bool
-    pad_to_bucket: bool
 
 
 def check_texts(sentences: object) -> tuple[list[str], bool]:
@@ -93,12 +67,12 @@ class Encoder:
     allow concurrent runs, and every call binds its own inputs and outputs.
     """
 
-    def __init__(self, manifest: Manifest, chain: GraphChain, scheduling: Scheduling) -> None:
+    def __init__(self, manifest: Manifest, chain: GraphChain) -> None:
         self.manifest = manifest
         self.chain = chain
         self.device: Device = chain.device
         self.variant: Variant = chain.variant
-        self.scheduling = scheduling
+        self.tuning: Tuning = chain.tuning
         self.tokenizer = TextTokenizer(manifest.path(TOKENIZER_FILE), manifest.max_seq_length)
 
     @classmethod
@@ -109,15 +83,8 @@ class Encoder:
         precision: str | None = None,
         threads: int | None = None,
         *,
-        buckets: Sequence[int] | str | None = "auto",
-        token_budget: int | None = None,
-        overlap: bool | None = None,
-        pad_to_bucket: bool | None = None,
-        reuse_buffers: bool | None = None,
-        cuda_graphs: bool = False,
-        spinning: bool = False,
         verify: bool = True,
-        shrink_above_tokens: int | None = SHRINK_ABOVE_TOKENS,
+        tuning: Tuning | None = None,
     ) -> Encoder:
         """Load an export folder written by `jobbert-onnx export`.
 
@@ -128,64 +95,24 @@ class Encoder:
             precision: Encoder variant (``fp16``, ``fp32``, ``int8``); default: fp16 on
                 CUDA, and on the CPU the fastest the export holds (int8, then fp32).
             threads: onnxruntime intra-op threads per graph (default: one per core).
-            buckets: Length buckets no batch crosses; ``"auto"``: (8, 16, 32, 64) on CUDA,
-                where batches are padded to their bucket, and (8, 12, 16, 24, 32, 48, 64) on
-                the CPU, where they are padded only to their longest row; None: no buckets.
-            token_budget: Most padded tokens per batch (default: no cap beyond `batch_size`).
-            overlap: Tokenize ahead in a thread (default: on for CUDA, off on the CPU,
-                where the thread would take a core from the graphs).
-            pad_to_bucket: Pad batches to their bucket's length (default: on for CUDA, where
-                fewer shapes pay; off on the CPU, where every padded token costs time).
-            reuse_buffers: Allocate device buffers once per batch shape (default: on for CUDA).
-            cuda_graphs: Capture one CUDA graph per batch shape and replay it; pads every
-                batch of a bucket to the same row count. CUDA only.
             verify: Check the sha256 of every file this encoder loads against the manifest
                 (about a second per GB); False skips it for the fastest start-up.
-            spinning: Let onnxruntime's idle threads spin for work (off: spinning threads of
-                one chained session slow the next one down; benchmarks/RESULTS.md).
-            shrink_above_tokens: A batch of more padded tokens (rows x length) runs with
-                fresh buffers and shrinks onnxruntime's memory arenas afterwards, and a call
-                of more tokens returns freed heap pages to the OS, so one huge batch does not
-                hold its memory for the life of the process; None: never.
+            tuning: Batching and run options (`Tuning`); fields left at None, and a None
+                `tuning`, take the device's defaults.
 
         Raises:
             ManifestError: The folder is not a complete export, lacks `precision`, or a file
                 does not match its sha256.
             DeviceError: ``device="cuda"`` and CUDA cannot be used here.
+            ValueError: A `tuning` value is out of range or does not fit the device.
         """
         manifest = read_manifest(path)
         resolved = choose_device(device, manifest.path(POOLING_FILE))
         variant = manifest.choose_variant(resolved.kind, precision)
+        chosen = (tuning or Tuning()).resolve(resolved.kind, manifest.max_seq_length)
         if verify:
             manifest.verify([variant.file, POOLING_FILE, TOKENIZER_FILE, *(head_file(r) for r in manifest.routes)])
-        on_cuda = resolved.kind == "cuda"
-        if isinstance(buckets, str):
-            if buckets != "auto":
-                raise ValueError(f"buckets must be 'auto', None or a list of lengths; got {buckets!r}")
-            buckets = CUDA_BUCKETS if on_cuda or cuda_graphs else CPU_BUCKETS
-        if cuda_graphs and buckets is None:
-            raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets='auto'")
-        if shrink_above_tokens is not None and (not isinstance(shrink_above_tokens, int) or shrink_above_tokens < 1):
-            raise ValueError(f"shrink_above_tokens must be a positive integer or None; got {shrink_above_tokens!r}")
-        if token_budget is not None and (not isinstance(token_budget, int) or token_budget < 1):
-            raise ValueError(f"token_budget must be a positive integer or None; got {token_budget!r}")
-        scheduling = Scheduling(
-            buckets=None if buckets is None else check_buckets(buckets, manifest.max_seq_length),
-            token_budget=token_budget,
-            overlap=on_cuda if overlap is None else bool(overlap),
-            pad_to_bucket=on_cuda or cuda_graphs if pad_to_bucket is None else bool(pad_to_bucket),
-        )
-        chain = GraphChain(
-            manifest,
-            variant,
-            resolved,
-            threads,
-            reuse_buffers=reuse_buffers,
-            cuda_graphs=cuda_graphs,
-            spinning=spinning,
-            shrink_above_tokens=shrink_above_tokens,
-        )
-        return cls(manifest, chain, scheduling)
+        return cls(manifest, GraphChain(manifest, variant, resolved, chosen, threads))
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -275,10 +202,8 @@ class Encoder:
         if prompt:
             texts = [prompt + text for text in texts]
 
-        batches = self._batches(texts, batch_size)
-        if self.scheduling.overlap:
-            batches = prefetch(batches)
-        out = self._run(batches, len(texts), route, Progress(len(texts), bool(show_progress_bar)))
+        progress = Progress(len(texts), bool(show_progress_bar))
+        out = self._run(self._batches(texts, batch_size), len(texts), route, progress)
 
         if truncate_dim is not None:
             out = np.ascontiguousarray(out[:, :truncate_dim])
@@ -294,43 +219,67 @@ class Encoder:
         batches and to report usage; batches are planned exactly as in `encode`.
         """
         route = self.resolve_task(task)
-        return self._run(self._plan(tokenized, batch_size, offset=0), len(tokenized.ids), route)
+        return self._run(self._pad(tokenized, self._plans(tokenized, batch_size), 0), len(tokenized.ids), route)
 
     def _run(
         self, batches: Iterator[tuple[np.ndarray, Batch]], count: int, route: str, progress: Progress | None = None
     ) -> np.ndarray:
-        """Vectors [count, dim] in input order; after a call of more than `shrink_above_tokens`
-        padded tokens, freed heap pages go back to the OS."""
+        """Vectors [count, dim] in input order.
+
+        After a call that ran a huge batch (`Tuning.shrink_above_tokens`), onnxruntime's
+        arenas shrink once, and after a call of that many padded tokens in all, freed
+        heap pages go back to the OS.
+        """
         out = np.empty((count, self.get_sentence_embedding_dimension()), dtype=np.float32)
         padded_tokens = 0
+        huge = False
         for rows, batch in batches:
             out[rows] = self.chain.run(batch, route)[: len(rows)]
             padded_tokens += batch.input_ids.size
+            huge = huge or self.chain.is_huge(batch)
             if progress is not None:
                 progress.update(len(rows))
         if progress is not None:
             progress.close()
-        limit = self.chain.shrink_above_tokens
-        if limit is not None and padded_tokens > limit:
+        if huge:
+            self.chain.release(route)
+        limit = self.tuning.shrink_above_tokens
+        if limit and padded_tokens > limit:
             trim_heap()
         return out
 
     def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
-        """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it."""
+        """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it.
+
+        With `Tuning.overlap`, batches are padded (and later chunks tokenized) ahead in a
+        thread, but only for calls of two batches or more: a call of one batch (a single
+        text, most online calls) starts no thread.
+        """
+        if len(texts) <= TOKENIZE_CHUNK:
+            tokenized = self.tokenizer.tokenize(texts)
+            plans = self._plans(tokenized, batch_size)
+            padded = self._pad(tokenized, plans, offset=0)
+            return prefetch(padded) if self.tuning.overlap and len(plans) > 1 else padded
+        chunks = self._chunks(texts, batch_size)
+        return prefetch(chunks) if self.tuning.overlap else chunks
+
+    def _chunks(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
         for offset in range(0, len(texts), TOKENIZE_CHUNK):
             tokenized = self.tokenizer.tokenize(texts[offset : offset + TOKENIZE_CHUNK])
-            yield from self._plan(tokenized, batch_size, offset)
+            yield from self._pad(tokenized, self._plans(tokenized, batch_size), offset)
 
-    def _plan(self, tokenized: Tokenized, batch_size: int, offset: int) -> Iterator[tuple[np.ndarray, Batch]]:
-        schedule = self.scheduling
-        plans = plan_batches(
+    def _plans(self, tokenized: Tokenized, batch_size: int) -> list[BatchPlan]:
+        tuning = self.tuning
+        return plan_batches(
             tokenized.lengths,
             batch_size,
-            schedule.buckets,
-            schedule.token_budget,
-            fixed_height=self.chain.cuda_graphs,
-            pad_to_bucket=schedule.pad_to_bucket,
+            tuning.buckets or None,
+            tuning.token_budget,
+            round_rows=bool(tuning.cuda_graphs),
+            pad_to_bucket=bool(tuning.pad_to_bucket),
         )
+
+    def _pad(self, tokenized: Tokenized, plans: list[BatchPlan], offset: int) -> Iterator[tuple[np.ndarray, Batch]]:
         for plan in plans:
             yield plan.rows + offset, self.tokenizer.pad(tokenized, plan.rows, plan.width, plan.height)
 

@@ -1,9 +1,15 @@
 """The one place that builds onnxruntime sessions and decides where they run.
 
 CUDA is checked before a session is built (provider compiled in, driver
-present, libraries loadable) and again after (``session.get_providers()``),
-because onnxruntime-gpu lists the CUDA provider even where it cannot load and
-then silently runs on the CPU.
+present, the CUDA provider library and cuDNN loadable, naming the library that
+is missing) and again after (``session.get_providers()``), because
+onnxruntime-gpu lists the CUDA provider even where it cannot load and then
+silently runs on the CPU.
+
+``device="auto"`` falls back to the CPU with a warning. Where that must not
+happen (the GPU proof, GPU test runs, an export that must be validated on the
+GPU), set ``JOBBERT_ONNX_REQUIRE_CUDA=1``: "auto" then fails with the reason
+instead of falling back.
 """
 
 from __future__ import annotations
@@ -11,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import io
+import os
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +33,19 @@ _CUDA_FIX = (
 )
 
 
+# Set to 1 to make device="auto" fail, rather than fall back to the CPU, where CUDA cannot be used.
+REQUIRE_CUDA_ENV = "JOBBERT_ONNX_REQUIRE_CUDA"
+# Loaded by the CUDA provider on first use rather than linked, so a missing one shows only then.
+_CUDNN = "libcudnn.so.9"
+
+
 class DeviceError(RuntimeError):
     """The requested device cannot be used."""
+
+
+def cuda_required() -> bool:
+    """Whether ``JOBBERT_ONNX_REQUIRE_CUDA`` asks that "auto" never fall back to the CPU."""
+    return os.environ.get(REQUIRE_CUDA_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
 @dataclass(frozen=True)
@@ -75,13 +94,46 @@ def _cuda_blocker() -> str | None:
         ctypes.CDLL("libcuda.so.1")
     except OSError:
         return "no NVIDIA driver was found (libcuda.so.1 did not load), so there is no GPU to run on"
+    missing = missing_cuda_library()
+    if missing is not None:
+        return (
+            f"onnxruntime-gpu {ort.__version__} (built for CUDA {_built_for_cuda()}) is installed but {missing} "
+            f"did not load: {_CUDA_FIX}"
+        )
+    return None
+
+
+def missing_cuda_library() -> str | None:
+    """The first library the CUDA provider needs that does not load here, or None.
+
+    The provider library is loaded the way onnxruntime will load it, after
+    onnxruntime's own preloading of the nvidia-* pip packages, so the answer
+    names the real culprit (``libcublasLt.so.13``, ``libcudnn.so.9``...) rather than
+    "the CUDA provider did not load".
+    """
     preload = getattr(ort, "preload_dlls", None)
     if preload is not None:
         # preload_dlls() finds the CUDA/cuDNN libraries of the nvidia-* pip packages;
         # it reports problems with print(), which we keep out of the user's stdout.
         with contextlib.redirect_stdout(io.StringIO()):
             preload()
+    provider = Path(ort.__file__).parent / "capi" / "libonnxruntime_providers_cuda.so"
+    for library in (provider, Path(_CUDNN)):
+        try:
+            ctypes.CDLL(str(library))
+        except OSError as error:
+            named = re.match(r"\s*([^\s:]+\.so[.\d]*):", str(error))
+            return named.group(1) if named else f"{library.name} ({error})"
     return None
+
+
+def _built_for_cuda() -> str:
+    try:
+        from onnxruntime.capi import build_and_package_info
+
+        return str(getattr(build_and_package_info, "cuda_version", "?"))
+    except ImportError:
+        return "?"
 
 
 def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
@@ -124,24 +176,37 @@ def create_session(
     return session
 
 
-def choose_device(device: str, probe_graph: Path) -> Device:
+def resolve_device(device: str, probe_graph: Path) -> tuple[Device, str | None]:
     """Resolve ``auto``/``cuda``/``cuda:N``/``cpu`` to a device that works here.
 
-    ``auto`` takes CUDA when a session on `probe_graph` really gets it, and
-    otherwise falls back to the CPU with a warning (shown once per place it is
-    called from). An explicit ``cuda`` that cannot be had is an error naming the fix.
+    Returns:
+        The device, and why CUDA was not taken where ``auto`` fell back to the CPU
+        (None otherwise).
+
+    Raises:
+        DeviceError: CUDA was asked for (``cuda``, ``cuda:N``, or ``auto`` with
+            ``JOBBERT_ONNX_REQUIRE_CUDA=1``) and cannot be used; the message names the fix.
     """
     kind, index = parse_device(device)
     if kind == "cpu":
-        return Device("cpu")
+        return Device("cpu"), None
     blocker = _cuda_blocker()
     if blocker is None:
         try:
             create_session(probe_graph, Device("cuda", index))
-            return Device("cuda", index)
+            return Device("cuda", index), None
         except DeviceError as error:
             blocker = str(error)
     if kind == "cuda":
         raise DeviceError(f"device={device!r} was asked for but CUDA cannot be used: {blocker}")
-    warnings.warn(f"jobbert-onnx runs on the CPU: {blocker}", RuntimeWarning, stacklevel=3)
-    return Device("cpu")
+    if cuda_required():
+        raise DeviceError(f"{REQUIRE_CUDA_ENV} is set, so device='auto' must get CUDA, unusable here: {blocker}")
+    return Device("cpu"), blocker
+
+
+def choose_device(device: str, probe_graph: Path) -> Device:
+    """`resolve_device`, warning when ``auto`` falls back to the CPU (once per place it is called from)."""
+    resolved, fallback = resolve_device(device, probe_graph)
+    if fallback is not None:
+        warnings.warn(f"jobbert-onnx runs on the CPU: {fallback}", RuntimeWarning, stacklevel=3)
+    return resolved

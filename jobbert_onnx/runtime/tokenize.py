@@ -1,7 +1,9 @@
 """Text -> token ids: the first stage, on the CPU.
 
 Texts are tokenized once without padding, so their lengths are known before
-batching; each batch is then padded on the right to its own longest row.
+batching; each batch is then padded on the right to the width its plan gives
+(`batching.plan_batches`: its longest row, or its length bucket on CUDA), and
+to the plan's height with filler rows.
 """
 
 from __future__ import annotations
@@ -48,6 +50,9 @@ class TextTokenizer:
         tokenizer.no_padding()
         self._tokenizer = tokenizer
         self.max_seq_length = max_seq_length
+        # Filler rows hold what an empty text tokenizes to (``<s></s>``), so no attention
+        # kernel ever sees a row without a single real key.
+        self._filler = tokenizer.encode("", add_special_tokens=True).ids[:max_seq_length] or [self.pad_id]
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Token ids with ``<s> ... </s>``, truncated to the cap, not padded."""
@@ -63,14 +68,17 @@ class TextTokenizer:
             tokenized: Output of `tokenize`.
             rows: Which of its rows, in batch order.
             width: Padded length (default: the longest chosen row).
-            height: Rows in the batch (default: len(rows)); extra rows are all
-                padding, with an all-zero mask.
+            height: Rows in the batch (default: len(rows)); extra rows are filler:
+                an empty text's tokens (``<s></s>``), whose vectors the caller drops.
         """
-        lengths = np.zeros(height if height is not None else len(rows), dtype=np.int64)
-        lengths[: len(rows)] = tokenized.lengths[rows]
-        width = int(lengths.max(initial=0)) if width is None else width
+        real = tokenized.lengths[rows]
+        width = int(real.max(initial=len(self._filler))) if width is None else width
+        filler = self._filler[:width]
+        lengths = np.full(height if height is not None else len(rows), len(filler), dtype=np.int64)
+        lengths[: len(rows)] = real
         input_ids = np.full((len(lengths), width), self.pad_id, dtype=np.int64)
         for out_row, row in enumerate(rows):
             input_ids[out_row, : lengths[out_row]] = tokenized.ids[row]
+        input_ids[len(rows) :, : len(filler)] = filler
         attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return Batch(input_ids=input_ids, attention_mask=attention_mask)

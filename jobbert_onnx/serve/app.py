@@ -8,6 +8,7 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from jobbert_onnx.serve.api import ApiError, parse_request, response_body
 from jobbert_onnx.serve.config import ServeConfig
 from jobbert_onnx.serve.metrics import CONTENT_TYPE, Metrics
 from jobbert_onnx.serve.openapi import openapi
-from jobbert_onnx.serve.queue import BatchQueue, QueueFull
+from jobbert_onnx.serve.queue import BatchQueue, QueueFull, encoding_thread
 
 log = logging.getLogger("jobbert_onnx.serve")
 
@@ -33,9 +34,10 @@ log = logging.getLogger("jobbert_onnx.serve")
 class _Server:
     """State shared by the routes of one process."""
 
-    def __init__(self, encoder: Encoder, config: ServeConfig, warmed: bool) -> None:
+    def __init__(self, encoder: Encoder, config: ServeConfig, warmed: bool, encode_thread: ThreadPoolExecutor) -> None:
         self.encoder = encoder
         self.config = config
+        self.encode_thread = encode_thread
         self.metrics = Metrics()
         self.ready = False
         self._warmed = warmed
@@ -158,6 +160,7 @@ class _Server:
             max_queued=config.max_queue_texts,
             on_batch=self.metrics.observe_batch,
             on_depth=self.metrics.queue_texts.set,
+            encode_thread=self.encode_thread,
         )
         self.queue.start()
         warming = asyncio.get_running_loop().create_task(self._warm_up(), name="warm-up")
@@ -171,21 +174,29 @@ class _Server:
 
     async def _warm_up(self) -> None:
         started = time.perf_counter()
-        if not self._warmed:
-            await asyncio.to_thread(warm_up, self.encoder, self.config.max_batch_texts)
+        if not self._warmed:  # on the thread that will encode: buffers and CUDA graphs are per thread
+            loop = asyncio.get_running_loop()
+            await loop.run_in_executor(self.encode_thread, warm_up, self.encoder, self.config.max_batch_texts)
         self.ready = True
         self.metrics.ready.set(1)
         log.info("ready: every length bucket ran once (%.1f s)", time.perf_counter() - started)
 
 
 def warm_up(encoder: Encoder, max_rows: int) -> None:
-    """Run every (head, length bucket) once at one row and at a full batch, so no request pays first-run costs."""
+    """Run every (head, length bucket) once at one row and at a full batch (with CUDA graphs, at
+    every row count a batch is rounded to), so no request pays first-run costs.
+
+    Call it on the thread that will encode: buffers, and CUDA graphs, are kept per thread.
+    """
     long = encoder.tokenizer.tokenize(["warm " * (4 * encoder.max_seq_length)]).ids[0]
-    lengths = encoder.scheduling.buckets or (encoder.max_seq_length,)
+    lengths = encoder.tuning.buckets or (encoder.max_seq_length,)
+    heights = {1, max_rows}
+    if encoder.tuning.cuda_graphs:
+        heights |= {1 << n for n in range(max_rows.bit_length()) if 1 << n <= max_rows}
     for route in encoder.tasks:
         for length in lengths:
             row = [*long[: length - 1], long[-1]]
-            for rows in sorted({1, max_rows}):
+            for rows in sorted(heights):
                 ids = [row] * rows
                 tokenized = Tokenized(ids=ids, lengths=np.full(rows, len(row), dtype=np.int64))
                 encoder.encode_tokenized(tokenized, route, max_rows)
@@ -234,10 +245,14 @@ async def _internal_error(request: Request, error: Exception) -> Response:
     return Response(body, status_code=500, media_type="application/json")
 
 
-def build_app(encoder: Encoder, config: ServeConfig, warmed: bool = False) -> Any:
+def build_app(
+    encoder: Encoder, config: ServeConfig, warmed: bool = False, encode_thread: ThreadPoolExecutor | None = None
+) -> Any:
     """The ASGI app serving `encoder` under `config` (the queue starts with the app's lifespan;
-    `warmed`: `warm_up` already ran, so it is ready at once)."""
-    server = _Server(encoder, config, warmed)
+    `warmed`: `warm_up` already ran on `encode_thread`, so it is ready at once)."""
+    if warmed and encode_thread is None:
+        raise ValueError("warmed=True needs the encode_thread the warm-up ran on")
+    server = _Server(encoder, config, warmed, encode_thread or encoding_thread())
     routes = [
         Route("/v1/embeddings", server.embeddings, methods=["POST"]),
         Route("/v1/models", server.models, methods=["GET"]),

@@ -73,6 +73,11 @@ BatchObserver = Callable[[int, int], None]
 DepthObserver = Callable[[int], None]
 
 
+def encoding_thread() -> ThreadPoolExecutor:
+    """The single thread an encoder runs on in the server."""
+    return ThreadPoolExecutor(1, thread_name_prefix="encode")
+
+
 class BatchQueue:
     """Merges concurrent `embed` calls into batches for one encoder."""
 
@@ -86,7 +91,10 @@ class BatchQueue:
         max_queued: int,
         on_batch: BatchObserver | None = None,
         on_depth: DepthObserver | None = None,
+        encode_thread: ThreadPoolExecutor | None = None,
     ) -> None:
+        """`encode_thread`: the one thread that runs the encoder (per-thread buffers and CUDA
+        graphs live there, so whoever warms the encoder up must use it too); default: a new one."""
         self.encoder = encoder
         self.max_texts = max_texts
         self.max_tokens = max_tokens
@@ -98,7 +106,7 @@ class BatchQueue:
         self._queued = 0
         self._arrival = asyncio.Event()
         self._tokenize_pool = ThreadPoolExecutor(2, thread_name_prefix="tokenize")
-        self._run_pool = ThreadPoolExecutor(1, thread_name_prefix="encode")
+        self._run_pool = encode_thread or encoding_thread()
         self._loop_task: asyncio.Task[None] | None = None
         self._texts_per_second = 0.0
 

@@ -76,7 +76,8 @@ def run_worker(
     import uvicorn
 
     from jobbert_onnx.runtime import Encoder
-    from jobbert_onnx.serve.app import build_app
+    from jobbert_onnx.serve.app import build_app, warm_up
+    from jobbert_onnx.serve.queue import encoding_thread
 
     encoder = Encoder.load(
         config.model_dir,
@@ -85,11 +86,10 @@ def run_worker(
         threads=config.threads,
         verify=config.verify,
     )
-    if warm_first:
-        from jobbert_onnx.serve.app import warm_up
-
-        warm_up(encoder, config.max_batch_texts)
-    app = build_app(encoder, config, warmed=warm_first)
+    encode_thread = encoding_thread()
+    if warm_first:  # on the thread that will encode: buffers and CUDA graphs are per thread
+        encode_thread.submit(warm_up, encoder, config.max_batch_texts).result()
+    app = build_app(encoder, config, warmed=warm_first, encode_thread=encode_thread)
     sock = listen()
     host, port = sock.getsockname()[:2]
     announce(

@@ -1,0 +1,110 @@
+"""`Tuning`: how the runtime batches and runs, beyond device and precision.
+
+Every field left at None takes its device's default, and those defaults are
+decided here and nowhere else (`Tuning.resolve`). `Encoder.load` takes one
+`Tuning`; the everyday call needs none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields, replace
+
+from jobbert_onnx.runtime.batching import check_buckets
+
+# Length buckets: batches never cross one. On CUDA batches are also padded to their
+# bucket (few shapes for the kernels and CUDA graphs); on the CPU only to their longest
+# row, and finer buckets cut padding further. Large title batches without buckets ran at
+# a quarter of the speed (benchmarks/RESULTS.md).
+CUDA_BUCKETS = (8, 16, 32, 64)
+CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
+# Batches of more padded tokens than this (512 full-length skill lists) run with buffers
+# the sessions allocate, and the call ends by shrinking onnxruntime's memory arenas
+# (benchmarks/RESULTS.md).
+SHRINK_ABOVE_TOKENS = 32768
+
+
+@dataclass(frozen=True)
+class Tuning:
+    """Batching and run options; None means "the default for the device" (see `resolve`).
+
+    Attributes:
+        buckets: Length buckets no batch crosses; ``()`` for none (batches of `batch_size`,
+            longest first). Default: (8, 16, 32, 64) on CUDA, (8, 12, 16, 24, 32, 48, 64) on the CPU.
+        token_budget: Most padded tokens (rows x length) per batch. Default: no cap beyond
+            `batch_size`.
+        overlap: Tokenize the next batches in a thread while the device runs the current one.
+            Default: on for CUDA; off on the CPU, where the thread would take a core from the
+            graphs. Either way only calls of two batches or more start the thread.
+        pad_to_bucket: Pad batches to their bucket's length, not their longest row. Default: on
+            for CUDA, where fewer shapes pay; off on the CPU, where every padded token costs time.
+        reuse_buffers: Keep device buffers and IO bindings per batch shape and update them in
+            place. Default: on for CUDA.
+        cuda_graphs: Capture one CUDA graph per batch shape and replay it (CUDA only). Batch
+            rows are rounded up to a power of two, so few shapes arise; at most `MAX_CUDA_GRAPHS`
+            shapes are captured. Default: off.
+        spinning: Let onnxruntime's idle threads spin for work. Default: off (spinning threads
+            of one chained session slow the next one down; benchmarks/RESULTS.md).
+        shrink_above_tokens: A batch of more padded tokens runs with buffers the sessions
+            allocate, and the call then shrinks onnxruntime's memory arenas once and returns
+            freed heap pages to the OS, so one huge batch does not hold its memory for the life
+            of the process. ``0`` never shrinks. Default: 32,768. With CUDA graphs arenas never
+            shrink (captured graphs keep using their memory).
+    """
+
+    buckets: tuple[int, ...] | None = None
+    token_budget: int | None = None
+    overlap: bool | None = None
+    pad_to_bucket: bool | None = None
+    reuse_buffers: bool | None = None
+    cuda_graphs: bool | None = None
+    spinning: bool | None = None
+    shrink_above_tokens: int | None = None
+
+    def resolve(self, device_kind: str, max_seq_length: int) -> Tuning:
+        """A copy with every default filled in for ``cpu`` or ``cuda``, checked.
+
+        Raises:
+            ValueError: A value is out of range, or options contradict each other
+                (CUDA graphs on the CPU, or without buckets); the message names the fix.
+        """
+        on_cuda = device_kind == "cuda"
+        cuda_graphs = bool(self.cuda_graphs)
+        if cuda_graphs and not on_cuda:
+            raise ValueError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
+        buckets = self.buckets
+        if buckets is None:
+            buckets = CUDA_BUCKETS if on_cuda else CPU_BUCKETS
+        if not isinstance(buckets, Sequence) or isinstance(buckets, str):
+            raise ValueError(f"buckets must be a list of lengths, () for none, or None for the default: {buckets!r}")
+        buckets = check_buckets(buckets, max_seq_length) if buckets else ()
+        if cuda_graphs and not buckets:
+            raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets at None")
+        for name in ("token_budget", "shrink_above_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
+        if self.token_budget == 0:
+            raise ValueError("token_budget must be a positive integer or None; got 0")
+        return replace(
+            self,
+            buckets=buckets,
+            overlap=on_cuda if self.overlap is None else bool(self.overlap),
+            pad_to_bucket=cuda_graphs or (on_cuda if self.pad_to_bucket is None else bool(self.pad_to_bucket)),
+            reuse_buffers=cuda_graphs or (on_cuda if self.reuse_buffers is None else bool(self.reuse_buffers)),
+            cuda_graphs=cuda_graphs,
+            spinning=bool(self.spinning),
+            shrink_above_tokens=SHRINK_ABOVE_TOKENS if self.shrink_above_tokens is None else self.shrink_above_tokens,
+        )
+
+    @classmethod
+    def from_options(cls, options: dict[str, object]) -> Tuning:
+        """A `Tuning` from keyword options (as in a benchmark's configuration), refusing unknown names."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"unknown tuning option {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        values = dict(options)
+        if isinstance(values.get("buckets"), list):
+            values["buckets"] = tuple(values["buckets"])  # type: ignore[arg-type]
+        return cls(**values)  # type: ignore[arg-type]

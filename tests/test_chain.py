@@ -1,0 +1,201 @@
+"""The chain's one run loop, its buffers, and its CUDA-graph bookkeeping (checked on the CPU provider).
+
+onnxruntime's CPU provider ignores ``gpu_graph_id``, so a chain built with CUDA
+graphs on the CPU runs exactly like one without them: what these tests check is
+which graph id every run carries, when a shape is captured and verified, and
+that the bounds hold. Capture and replay themselves need a GPU (tests/test_gpu.py).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from conftest import assert_close, parity_texts
+
+from jobbert_onnx import DeviceError, Encoder, Tuning
+from jobbert_onnx.manifest import EMBEDDING, SENTENCE_EMBEDDING, TOKEN_EMBEDDINGS, read_manifest
+from jobbert_onnx.runtime import chain as chain_module
+from jobbert_onnx.runtime import encoder as encoder_module
+from jobbert_onnx.runtime.chain import GraphChain
+from jobbert_onnx.runtime.sessions import Device
+
+
+def _graph_chain_on_cpu(folder: Path) -> Encoder:
+    """An encoder whose chain does the CUDA-graph bookkeeping, on the CPU provider."""
+    manifest = read_manifest(folder)
+    tuning = Tuning(reuse_buffers=True, pad_to_bucket=True).resolve("cpu", manifest.max_seq_length)
+    tuning = Tuning(**{**tuning.__dict__, "cuda_graphs": True})  # past the device check, on purpose
+    return Encoder(manifest, GraphChain(manifest, manifest.variants["fp32"], Device("cpu"), tuning))
+
+
+def _entry(options: ort.RunOptions | None, key: str) -> str:
+    if options is None:
+        return ""
+    try:
+        return str(options.get_run_config_entry(key))
+    except RuntimeError:  # not set
+        return ""
+
+
+class _RunLog:
+    """Wraps every session of a chain to record the gpu_graph_id each run carried."""
+
+    def __init__(self, encoder: Encoder) -> None:
+        self.ids: list[str] = []
+        self.shrinks = 0
+        seen = set()
+        for stages in encoder.chain.routes.values():
+            for stage in stages:
+                if id(stage.session) not in seen:
+                    seen.add(id(stage.session))
+                    self._wrap(stage.session, stage.key)
+
+    def _wrap(self, session: ort.InferenceSession, key: str) -> None:
+        run = session.run_with_iobinding
+
+        def logged(binding: ort.IOBinding, options: ort.RunOptions | None = None) -> None:
+            if key == "encoder":
+                self.ids.append(_entry(options, "gpu_graph_id") or "(none)")
+                self.shrinks += bool(_entry(options, "memory.enable_memory_arena_shrinkage"))
+            run(binding, options)
+
+        session.run_with_iobinding = logged  # type: ignore[method-assign]
+
+
+def test_every_graph_run_carries_an_id_and_each_shape_is_checked_once(tiny_exports: dict) -> None:
+    encoder = _graph_chain_on_cpu(tiny_exports[("router", "fp32")])
+    log = _RunLog(encoder)
+    plain = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32")
+    encoder.encode("Koch", task="anchor")
+    # A new shape: one run without a graph (the reference), then three under its id.
+    assert log.ids == ["-1", "1", "1", "1"]
+    encoder.encode("Bäcker", task="anchor")
+    assert log.ids[4:] == ["1"], "a checked shape replays at once"
+    texts = parity_texts()
+    got = encoder.encode(texts, task="positive", batch_size=8)
+    assert "(none)" not in log.ids, "a run without an id would capture under onnxruntime's default one"
+    assert_close(got, plain.encode(texts, task="positive", batch_size=8), 1e-5, "graph bookkeeping vs plain")
+    shapes = encoder.chain.captured_shapes()
+    assert len(shapes) == len(set(shapes)) > 1
+    assert all(rows & (rows - 1) == 0 for rows, _ in shapes), "rows rounded to powers of two"
+    assert {width for _, width in shapes} <= set(encoder.tuning.buckets or ())
+
+
+def test_the_number_of_captured_graphs_is_bounded(tiny_exports: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chain_module, "MAX_CUDA_GRAPHS", 2)
+    encoder = _graph_chain_on_cpu(tiny_exports[("router", "fp32")])
+    log = _RunLog(encoder)
+    for rows in (1, 2, 4, 8):
+        encoder.encode(["Data Analyst"] * rows, batch_size=rows)
+    assert encoder.chain.captured_shapes() == [(1, 8), (2, 8)]
+    assert log.ids[-1] == "-1", "shapes beyond the bound run without a graph"
+    assert "3" not in log.ids
+
+
+def test_a_replay_that_differs_is_an_error(tiny_exports: dict) -> None:
+    encoder = _graph_chain_on_cpu(tiny_exports[("router", "fp32")])
+    head = encoder.chain.routes["anchor"][-1].session
+    run = head.run_with_iobinding
+
+    def corrupt_replays(binding: ort.IOBinding, options: ort.RunOptions | None = None) -> None:
+        run(binding, options)
+        if _entry(options, "gpu_graph_id") not in ("", "-1"):
+            binding.get_outputs()[0].update_inplace(np.zeros((1, 1024), dtype=np.float32))
+
+    head.run_with_iobinding = corrupt_replays  # type: ignore[method-assign]
+    with pytest.raises(DeviceError, match=r"differ from a run without it .*load with cuda_graphs=False"):
+        encoder.encode("Koch", task="anchor")
+
+
+def test_each_thread_checks_its_own_replays(tiny_exports: dict) -> None:
+    """onnxruntime keeps captured graphs per thread: a second thread captures, and is checked, again."""
+    encoder = _graph_chain_on_cpu(tiny_exports[("router", "fp32")])
+    log = _RunLog(encoder)
+    encoder.encode("Koch")
+    worker = threading.Thread(target=encoder.encode, args=("Koch",))
+    worker.start()
+    worker.join()
+    assert log.ids == ["-1", "1", "1", "1"] * 2
+
+
+def test_huge_batches_run_fresh_and_the_call_shrinks_once(tiny_exports: dict) -> None:
+    tuning = Tuning(reuse_buffers=True, shrink_above_tokens=100)
+    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=tuning)
+    log = _RunLog(encoder)
+    texts = ["python, sql, docker, " * 20] * 40
+    encoder.encode(texts, batch_size=8)  # five huge batches
+    assert log.shrinks == 1 and len(log.ids) == 6, "one shrink per call, after the last batch"
+    assert encoder.chain.cached_shapes() == 0
+    encoder.encode(["Koch"] * 3, batch_size=8)
+    assert log.shrinks == 1, "a call without a huge batch does not shrink"
+
+
+def test_outputs_stay_in_the_devices_memory(encoder_fp32: Encoder) -> None:
+    tokenized = encoder_fp32.tokenizer.tokenize(["Software Engineer", "python, sql"])
+    batch = encoder_fp32.tokenizer.pad(tokenized, np.arange(2))
+    outputs = encoder_fp32.chain.outputs(batch, "anchor")
+    assert list(outputs) == [TOKEN_EMBEDDINGS, SENTENCE_EMBEDDING, EMBEDDING]
+    width = batch.input_ids.shape[1]
+    assert [value.shape() for value in outputs.values()] == [[2, width, 32], [2, 32], [2, 1024]]
+    assert all(value.device_name().lower() == "cpu" for value in outputs.values())
+
+
+@pytest.mark.parametrize(("texts", "threads"), [(["Koch"], 0), (["Koch", "python, sql, docker, " * 8], 1)])
+def test_tokenizing_ahead_starts_a_thread_only_for_two_batches(
+    tiny_exports: dict, monkeypatch: pytest.MonkeyPatch, texts: list[str], threads: int
+) -> None:
+    started = []
+    real = encoder_module.prefetch
+
+    def counting(items: Iterator, depth: int = 2) -> Iterator:  # type: ignore[type-arg]
+        started.append(1)
+        return real(items, depth)
+
+    monkeypatch.setattr(encoder_module, "prefetch", counting)
+    tuning = Tuning(overlap=True)
+    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=tuning)
+    encoder.encode(texts, batch_size=4)
+    assert len(started) == threads
+
+
+def test_tuning_defaults_are_decided_per_device() -> None:
+    cpu, cuda = Tuning().resolve("cpu", 64), Tuning().resolve("cuda", 64)
+    assert (cpu.buckets, cpu.pad_to_bucket, cpu.overlap, cpu.reuse_buffers) == (
+        (8, 12, 16, 24, 32, 48, 64),
+        False,
+        False,
+        False,
+    )
+    assert (cuda.buckets, cuda.pad_to_bucket, cuda.overlap, cuda.reuse_buffers) == ((8, 16, 32, 64), True, True, True)
+    assert cpu.cuda_graphs is False and cpu.shrink_above_tokens == cuda.shrink_above_tokens == 32768
+    graphs = Tuning(cuda_graphs=True, reuse_buffers=False, pad_to_bucket=False).resolve("cuda", 64)
+    assert graphs.reuse_buffers and graphs.pad_to_bucket, "CUDA graphs need fixed buffers and bucket widths"
+    assert Tuning(buckets=()).resolve("cpu", 64).buckets == ()
+    assert Tuning(buckets=(16, 100)).resolve("cpu", 64).buckets == (16, 64)
+
+
+@pytest.mark.parametrize(
+    ("tuning", "message"),
+    [
+        (Tuning(cuda_graphs=True), "cuda_graphs=True needs device='cuda'"),
+        (Tuning(token_budget=0), "token_budget must be a positive integer"),
+        (Tuning(shrink_above_tokens=-5), "shrink_above_tokens must be a positive integer"),
+        (Tuning(buckets="auto"), "buckets must be a list of lengths"),  # type: ignore[arg-type]
+    ],
+)
+def test_bad_tuning_is_refused(tuning: Tuning, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        tuning.resolve("cpu", 64)
+    if "cuda_graphs" not in message:
+        with pytest.raises(ValueError, match=message):
+            tuning.resolve("cuda", 64)
+
+
+def test_unknown_tuning_options_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown tuning option cuda_graph; known: buckets"):
+        Tuning.from_options({"cuda_graph": True})

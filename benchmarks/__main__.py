@@ -6,8 +6,10 @@
 
 Builds what it needs under --work (default .bench/): a full-size JobBERT-v3-shaped
 model with RANDOM weights, its export (fp16, fp32, int8), the peers' environment
-and their ONNX files. Each contender runs in its own process; results go to
---out as JSON and a Markdown table.
+and their ONNX files. Each contender runs in its own process, in order of value;
+the results file is rewritten after each one (a run cut short keeps what it
+measured), and with --deadline-s the contenders that no longer fit are listed as
+not run. Results go to --out as JSON and a Markdown table.
 """
 
 from __future__ import annotations
@@ -25,29 +27,59 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import ceilings, peers, report, workloads
+from benchmarks import ceilings, mask_exports, peers, report, workloads
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every contender's vectors are compared with this one's.
 REFERENCE = "sentence-transformers PyTorch fp32"
+# Finer length buckets than CUDA's default, for titles' padding on the GPU.
+CPU_LIKE_BUCKETS = [8, 12, 16, 24, 32, 48, 64]
 
 
-def _contender(name: str, kind: str, env: str = "main", **options: object) -> dict[str, Any]:
-    return {"name": name, "kind": kind, "env": env, "options": options}
+def _contender(
+    name: str,
+    kind: str,
+    env: str = "main",
+    *,
+    batch_sizes: list[int] | None = None,
+    repeats: int | None = None,
+    quality_only: bool = False,
+    **options: object,
+) -> dict[str, Any]:
+    """One contender; `batch_sizes` and `repeats` narrow the run's own for it; a `quality_only` one only
+    encodes the texts whose vectors are compared (and is timed at batch 1); options go to its loader."""
+    found: dict[str, Any] = {"name": name, "kind": kind, "env": env, "options": options, "quality_only": quality_only}
+    if batch_sizes is not None:
+        found["batch_sizes"] = batch_sizes
+    if repeats is not None:
+        found["repeats"] = repeats
+    return found
 
 
 def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
-    """Every contender for one device: name, kind, environment, options."""
-    reference = _contender(REFERENCE, "st-torch")
+    """Every contender for one device, in order of value: name, kind, environment, options."""
     if device == "cuda":
+        large = [1024, 4096]  # the default runs every batch size; its variants the large ones
+        small = [32, 256, 1024]  # CUDA graphs pay for small batches
+        ours = "jobbert-onnx"
         return [
-            reference,
-            _contender("sentence-transformers PyTorch fp16", "st-torch", precision="fp16"),
-            _contender("jobbert-onnx fp16", "jobbert-onnx", precision="fp16"),
-            _contender("jobbert-onnx fp16, CUDA graphs", "jobbert-onnx", precision="fp16", cuda_graphs=True),
-            _contender("jobbert-onnx fp32", "jobbert-onnx", precision="fp32"),
-            _contender("jobbert-onnx fp16, one merged graph", "merged", precision="fp16"),
+            # The fp32 reference is there for quality: it encodes the texts compared, once.
+            _contender(REFERENCE, "st-torch", quality_only=True),
+            _contender("jobbert-onnx fp16", ours, precision="fp16"),
+            _contender("sentence-transformers PyTorch fp16", "st-torch", batch_sizes=[1024], precision="fp16"),
+            _contender("jobbert-onnx fp16, CUDA graphs", ours, batch_sizes=small, precision="fp16", cuda_graphs=True),
+            _contender("jobbert-onnx fp16, mask 1D lengths", ours, batch_sizes=large, precision="fp16", mask="lengths"),
+            _contender("jobbert-onnx fp16, mask 2D", ours, batch_sizes=large, precision="fp16", mask="2d"),
+            _contender(
+                "jobbert-onnx fp16, finer buckets", ours, batch_sizes=large, precision="fp16", buckets=CPU_LIKE_BUCKETS
+            ),
+            _contender(
+                "jobbert-onnx fp16, token budget 16384", ours, batch_sizes=[4096], precision="fp16", token_budget=16384
+            ),
+            _contender("jobbert-onnx fp16, one merged graph", "merged", batch_sizes=large, precision="fp16"),
+            _contender("jobbert-onnx fp32", ours, batch_sizes=large, precision="fp32"),
         ]
+    reference = _contender(REFERENCE, "st-torch")
     int8_file = f"model_qint8_{quant_preset}.onnx"
     return [
         reference,
@@ -83,8 +115,10 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
             raise SystemExit(f"{model} is not a sentence-transformers folder")
         print(f"building a full-size model with RANDOM weights in {model} ...", file=sys.stderr)
         build_random_model(model, size="tiny" if args.tiny else "full", layout="router", seed=0)
-    export = args.work / "export"
+    export = args.export or args.work / "export"
     if not (export / "manifest.json").is_file():
+        if args.export:
+            raise SystemExit(f"{export} is not an export folder")
         export_model(str(model), export, precision="fp16,fp32,int8", validate_device=args.device, log=_log)
     return model, export
 
@@ -148,13 +182,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, help="sentence-transformers folder (default: a random full-size one)")
     parser.add_argument("--work", type=Path, default=ROOT / ".bench", help="where models, exports, envs are kept")
+    parser.add_argument("--export", type=Path, help="an export of --model to use (default: one made under --work)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--titles", type=int, default=1024)
     parser.add_argument("--skill-lists", type=int, default=256)
     parser.add_argument("--batch-sizes", help="comma-separated (default 32,256,1024; with --quick 8,16)")
     parser.add_argument("--latency-calls", type=int, default=200)
-    parser.add_argument("--only", help="comma-separated substrings: run only contenders whose name has one")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per throughput point (the median counts)")
+    parser.add_argument("--deadline-s", type=float, help="start no contender after this many seconds")
+    parser.add_argument("--only", help="comma-separated contender names: run only those (and the reference)")
+    parser.add_argument(
+        "--contenders",
+        choices=["cpu", "cuda"],
+        help="which device's list of contenders (default: --device's); the cuda list on the CPU rehearses it",
+    )
+    parser.add_argument(
+        "--quality-texts", type=int, help="compare vectors to the reference on the first N texts of each workload"
+    )
     parser.add_argument("--no-peers", action="store_true", help="skip the contenders that need the peers' env")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per contender")
     parser.add_argument("--quick", action="store_true", help="64 titles, 16 skill lists, batches 8 and 16, 20 calls")
@@ -192,43 +237,19 @@ def main(argv: list[str] | None = None) -> int:
     _log("measuring this machine's matrix-product ceilings ...")
     machine = ceilings.measure(0.5 if args.quick else 3.0) if args.device == "cpu" else {}
 
-    chosen = contenders(args.device, peers.quantization_config())
+    chosen = contenders(args.contenders or args.device, peers.quantization_config())
     if args.only:
-        keys = [k.strip().lower() for k in args.only.split(",")]
-        chosen = [c for c in chosen if c["name"] == REFERENCE or any(k in c["name"].lower() for k in keys)]
+        keys = {k.strip().lower() for k in args.only.split(",")}
+        known = {c["name"].lower() for c in chosen}
+        if keys - known:
+            raise SystemExit(f"--only: no contender named {', '.join(sorted(keys - known))}; known: {sorted(known)}")
+        chosen = [c for c in chosen if c["name"] == REFERENCE or c["name"].lower() in keys]
     peer_python, peer_problem = (None, "skipped (--no-peers)") if args.no_peers else (None, None)
     if not args.no_peers and any(c["env"] == "peers" for c in chosen):
         peer_python, peer_problem = _prepare_peers(args, model)
 
-    results = []
-    for contender in chosen:
-        slug = _slug(contender["name"])
-        config = {
-            **contender,
-            "slug": slug,
-            "device": args.device,
-            "model": str(model),
-            "export": str(export),
-            "st_onnx": str(args.work / "st-onnx"),
-            "workloads": {name: {"task": s["task"], "texts": s["texts"]} for name, s in texts.items()},
-            "batch_sizes": batch_sizes,
-            "latency_calls": args.latency_calls,
-            "out": str(args.out),
-        }
-        python = Path(sys.executable) if contender["env"] == "main" else peer_python
-        if python is None:
-            results.append({"contender": contender["name"], "error": peer_problem})
-            _log(f"{contender['name']}: not run: {peer_problem}")
-            continue
-        _log(f"running {contender['name']} ...")
-        result = _run_contender(config, python, args.timeout)
-        results.append(result)
-        _log(f"  {report.one_line(result)}")
-
-    _quality(results, args.out, texts)
-    for stale in args.out.glob("*.npy"):
-        stale.unlink()
-    document = {
+    results: list[dict[str, Any]] = []
+    document: dict[str, Any] = {
         "command": " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])]),
         "environment": _environment(args, model),
         "ceilings": machine,
@@ -242,16 +263,69 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in texts.items()
         },
         "batch_sizes": batch_sizes,
+        "repeats": args.repeats,
         "latency_calls": args.latency_calls,
         "contenders": results,
-        "total_s": time.perf_counter() - started,
     }
+    for contender in chosen:
+        slug = _slug(contender["name"])
+        options = dict(contender["options"])
+        mask = options.pop("mask", None)
+        if mask is not None:
+            options["export"] = str(mask_exports.derive(export, mask))
+        config = {
+            **contender,
+            "options": options,
+            "slug": slug,
+            "device": args.device,
+            "model": str(model),
+            "export": str(export),
+            "st_onnx": str(args.work / "st-onnx"),
+            "workloads": {name: {"task": s["task"], "texts": s["texts"]} for name, s in texts.items()},
+            "batch_sizes": batch_sizes,
+            "contender_batch_sizes": [b for b in contender.get("batch_sizes", batch_sizes) if b in batch_sizes]
+            or batch_sizes[:1],
+            "contender_repeats": contender.get("repeats"),
+            "quality_only": contender.get("quality_only", False),
+            "quality_texts": args.quality_texts,
+            "repeats": args.repeats,
+            "latency_calls": args.latency_calls,
+            "out": str(args.out),
+        }
+        python = Path(sys.executable) if contender["env"] == "main" else peer_python
+        elapsed = time.perf_counter() - started
+        if args.device == "cpu" and contender["options"].get("cuda_graphs"):
+            results.append({"contender": contender["name"], "error": "CUDA graphs need a GPU"})
+        elif args.deadline_s is not None and elapsed > args.deadline_s:
+            late = f"past the {args.deadline_s:.0f} s deadline"
+            results.append({"contender": contender["name"], "error": late})
+        elif python is None:
+            results.append({"contender": contender["name"], "error": peer_problem})
+            _log(f"{contender['name']}: not run: {peer_problem}")
+        else:
+            _log(f"running {contender['name']} ...")
+            results.append(_run_contender(config, python, args.timeout))
+            _log(f"  {report.one_line(results[-1])}")
+        _quality(results, args.out, texts)
+        _write(document, args, started)
+        if contender["name"] == REFERENCE and "error" in results[-1]:
+            _log("the fp32 reference failed, so no contender's quality can be measured: stopping")
+            break
+
+    for stale in args.out.glob("*.npy"):
+        stale.unlink()
+    print(_write(document, args, started))
+    return 0
+
+
+def _write(document: dict[str, Any], args: argparse.Namespace, started: float) -> str:
+    """Write the results as they stand (JSON and Markdown); return the Markdown."""
+    document["total_s"] = time.perf_counter() - started
     stem = f"bench-{args.device}"
     (args.out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
     table = report.markdown(document)
     (args.out / f"{stem}.md").write_text(table)
-    print(table)
-    return 0
+    return table
 
 
 def _quality(results: list[dict[str, Any]], out: Path, texts: dict[str, Any]) -> None:
@@ -265,7 +339,7 @@ def _quality(results: list[dict[str, Any]], out: Path, texts: dict[str, Any]) ->
         reference = np.load(reference_path)
         for result in results:
             mine = out / f"{_slug(result['contender'])}.{name}.npy"
-            if "error" in result or not mine.is_file():
+            if "error" in result or not mine.is_file() or "cosine" in result["workloads"][name]:
                 continue
             cos = row_cosines(np.load(mine), reference)
             result["workloads"][name]["cosine"] = {"mean": float(cos.mean()), "min": float(cos.min())}

@@ -19,6 +19,10 @@ def _fmt(value: float | None, digits: int = 1) -> str:
     return "not run" if value is None else f"{value:,.{digits}f}"
 
 
+def _measured(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:,.0f}"
+
+
 def _best(row: dict[str, Any]) -> float | None:
     rates = [t["texts_per_s"] for t in row["throughput"].values() if t]
     return max(rates) if rates else None
@@ -40,6 +44,11 @@ def markdown(document: dict[str, Any]) -> str:
             f"int8 {machine['int8_gflops']:.0f} GOP/s."
         )
     sizes = document["batch_sizes"]
+    gpu = env.get("device") == "cuda"
+    lines.append(
+        f"Throughput: the median of {document.get('repeats', 1)} timed run(s) per point, after an untimed run of "
+        "the same call; batch 1: every timed text run once first. 'not run': outside this contender's batch sizes."
+    )
     for name, workload in document["workloads"].items():
         lines += [
             "",
@@ -48,8 +57,10 @@ def markdown(document: dict[str, Any]) -> str:
             "",
             "| contender | precision | batch 1 p50 / p90 / p99 ms | "
             + " | ".join(f"texts/s @{b}" for b in sizes)
-            + " | tokens/s | % of ceiling | peak RSS MiB | cosine mean | cosine min |",
-            "|---|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|---:|---:|",
+            + " | tokens/s | % of ceiling | peak RSS MiB |"
+            + (" peak GPU MiB |" if gpu else "")
+            + " cosine mean | cosine min |",
+            "|---|---|---:|" + "---:|" * len(sizes) + "---:|---:|---:|" + ("---:|" if gpu else "") + "---:|---:|",
         ]
         for result in document["contenders"]:
             if "error" in result:
@@ -70,6 +81,7 @@ def markdown(document: dict[str, Any]) -> str:
                 f"{latency['p50_ms']:.2f} / {latency['p90_ms']:.2f} / {latency['p99_ms']:.2f} | "
                 + " | ".join(_fmt(r) for r in rates)
                 + f" | {_fmt(tokens, 0)} | {share} | {result['peak_rss_mib']:,.0f} | "
-                f"{_fmt(cosine.get('mean'), 7)} | {_fmt(cosine.get('min'), 7)} |"
+                + (f"{_measured(result.get('peak_gpu_mib'))} | " if gpu else "")
+                + f"{_fmt(cosine.get('mean'), 7)} | {_fmt(cosine.get('min'), 7)} |"
             )
     return "\n".join(lines) + "\n"

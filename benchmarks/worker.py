@@ -8,9 +8,11 @@ library and numpy at the top, so it runs in both environments.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import sys
+import threading
 import time
 from collections.abc import Callable
 from importlib import metadata
@@ -20,6 +22,8 @@ from typing import Any
 import numpy as np
 
 EncodeFn = Callable[[list[str], str, int], np.ndarray]
+# A timed run longer than this is not repeated: the median of one.
+SLOW_RUN_S = 20.0
 
 
 def _version(name: str) -> str | None:
@@ -30,10 +34,12 @@ def _version(name: str) -> str | None:
 
 
 def _jobbert_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
-    from jobbert_onnx import Encoder
+    from jobbert_onnx import Encoder, Tuning
 
-    options = config.get("options", {})
-    encoder = Encoder.load(config["export"], device=config["device"], **options)
+    options = dict(config.get("options", {}))
+    precision = options.pop("precision", None)
+    export = options.pop("export", None) or config["export"]
+    encoder = Encoder.load(export, device=config["device"], precision=precision, tuning=Tuning.from_options(options))
 
     def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
         return encoder.encode(texts, task=task, batch_size=batch_size)
@@ -128,19 +134,38 @@ FACTORIES = {
 
 
 def _latency(encode: EncodeFn, texts: list[str], task: str, calls: int) -> dict[str, float]:
-    for text in texts[:10]:
+    """Single-text calls: every text that will be timed runs once first, so every shape is warm."""
+    timed = [texts[i % len(texts)] for i in range(calls)]
+    for text in dict.fromkeys(timed):
         encode([text], task, 1)
     times = []
-    for i in range(calls):
+    for text in timed:
         start = time.perf_counter()
-        encode([texts[i % len(texts)]], task, 1)
+        encode([text], task, 1)
         times.append(time.perf_counter() - start)
     ms = np.array(times) * 1000
     return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"calls": calls}
 
 
+def _throughput(
+    encode: EncodeFn, texts: list[str], task: str, batch_size: int, repeats: int
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Texts per second, and the vectors: one untimed run of the same call, then the median of
+    `repeats` timed runs. A run slower than `SLOW_RUN_S` is not repeated (the point says how many ran).
+    """
+    encode(texts, task, batch_size)
+    seconds: list[float] = []
+    while len(seconds) < repeats and (not seconds or seconds[0] <= SLOW_RUN_S):
+        start = time.perf_counter()
+        vectors = encode(texts, task, batch_size)
+        seconds.append(time.perf_counter() - start)
+    median = float(np.median(seconds))
+    return {"seconds": median, "texts_per_s": len(texts) / median, "runs": len(seconds)}, vectors
+
+
 def run(config: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
+    memory = _GpuMemory(config["device"])
     encode, facts = FACTORIES[config["kind"]](config)
     result: dict[str, Any] = {
         "contender": config["name"],
@@ -151,24 +176,29 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
         "workloads": {},
     }
     out = Path(config["out"])
+    batch_sizes = config.get("contender_batch_sizes") or config["batch_sizes"]
+    repeats = int(config.get("contender_repeats") or config.get("repeats", 1))
+    compared = config.get("quality_texts")
     for workload, spec in config["workloads"].items():
         texts, task = spec["texts"], spec["task"]
         row: dict[str, Any] = {"latency": _latency(encode, texts, task, config["latency_calls"]), "throughput": {}}
+        if config.get("quality_only"):
+            vectors = encode(texts[:compared], task, batch_sizes[0])
+            np.save(out / f"{config['slug']}.{workload}.npy", vectors.astype(np.float32))
+            row["throughput"] = {str(b): None for b in config["batch_sizes"]}
+            result["workloads"][workload] = row
+            continue
         for batch_size in config["batch_sizes"]:
-            if batch_size > len(texts):
-                row["throughput"][str(batch_size)] = None  # fewer texts than one batch: not run
+            if batch_size not in batch_sizes or batch_size > len(texts):
+                row["throughput"][str(batch_size)] = None  # not run for this contender, or fewer texts than a batch
                 continue
-            warm = min(batch_size, 64)
-            encode(texts[:warm], task, warm)  # warm-up: first run at this batch size
-            start = time.perf_counter()
-            vectors = encode(texts, task, batch_size)
-            seconds = time.perf_counter() - start
-            row["throughput"][str(batch_size)] = {"seconds": seconds, "texts_per_s": len(texts) / seconds}
-            if batch_size == config["batch_sizes"][0]:
-                np.save(out / f"{config['slug']}.{workload}.npy", vectors.astype(np.float32))
+            point, vectors = _throughput(encode, texts, task, batch_size, repeats)
+            row["throughput"][str(batch_size)] = point
+            if batch_size == batch_sizes[0]:
+                np.save(out / f"{config['slug']}.{workload}.npy", vectors[:compared].astype(np.float32))
         result["workloads"][workload] = row
     result["peak_rss_mib"] = _peak_rss_mib()
-    result["peak_gpu_mib"] = _peak_gpu_mib(config)
+    result["peak_gpu_mib"] = memory.stop()
     result["versions"] = {
         "python": platform.python_version(),
         **{name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers")},
@@ -185,14 +215,57 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _peak_gpu_mib(config: dict[str, Any]) -> float | None:
-    if config["device"] == "cpu":
-        return None
-    if config["kind"] == "st-torch":
-        import torch
+class _GpuMemory:
+    """Peak GPU memory of this process, sampled through NVML every 20 ms (any framework's allocations).
 
-        return float(torch.cuda.max_memory_allocated()) / 2**20
-    return None  # onnxruntime does not report its peak; not measured
+    NVML reports what the driver holds for the process (context, arenas and caches
+    included). Where it cannot list processes (some virtual machines), the device's
+    used memory above what was used at the start is taken instead.
+    """
+
+    def __init__(self, device: str) -> None:
+        self.peak: float | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if device == "cpu":
+            return
+        try:
+            import pynvml  # nvidia-ml-py
+        except ImportError:
+            return
+        try:
+            pynvml.nvmlInit()
+            index = int(device.split(":")[1]) if ":" in device else 0
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        except pynvml.NVMLError:
+            return
+        baseline = pynvml.nvmlDeviceGetMemoryInfo(handle).used
+        pid = os.getpid()
+
+        def sample() -> float:
+            try:
+                for process in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                    if process.pid == pid and process.usedGpuMemory:
+                        return float(process.usedGpuMemory)
+            except pynvml.NVMLError:
+                pass
+            return float(max(0, pynvml.nvmlDeviceGetMemoryInfo(handle).used - baseline))
+
+        def watch() -> None:
+            while not self._stop.wait(0.02):
+                self.peak = max(self.peak or 0.0, sample())
+
+        self.peak = 0.0
+        self._thread = threading.Thread(target=watch, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> float | None:
+        """The peak in MiB, or None where it could not be measured."""
+        if self._thread is None:
+            return None
+        self._stop.set()
+        self._thread.join()
+        return None if self.peak is None else self.peak / 2**20
 
 
 def main(argv: list[str]) -> int:

@@ -214,7 +214,8 @@ class GraphChain:
         """Vectors [batch, dim] (float32, host memory) for one padded batch."""
         stages = self.routes[route]
         if not self.tuning.reuse_buffers or self.is_huge(batch):
-            return self._execute(stages, self.fresh(batch), self._plain).numpy()
+            with self._lock:  # with CUDA graphs, no run may overlap a replay: it would reuse the graphs' memory
+                return self._execute(stages, self.fresh(batch), self._plain).numpy()
         shape = (int(batch.input_ids.shape[0]), int(batch.input_ids.shape[1]))
         with self._lock:
             buffers = self._cache().get(shape, Buffers, self._memory)
@@ -226,7 +227,8 @@ class GraphChain:
     def outputs(self, batch: Batch, route: str) -> dict[str, ort.OrtValue]:
         """Every stage's output for one batch, keyed by graph output name, all in the device's memory."""
         stages = self.routes[route]
-        values = self._execute(stages, self.fresh(batch), self._plain).buffers.values
+        with self._lock:
+            values = self._execute(stages, self.fresh(batch), self._plain).buffers.values
         return {stage.output: values[stage.output] for stage in stages}
 
     def release(self, route: str) -> None:

@@ -80,12 +80,11 @@ class Tuning:
         buckets = check_buckets(buckets, max_seq_length) if buckets else ()
         if cuda_graphs and not buckets:
             raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets at None")
-        for name in ("token_budget", "shrink_above_tokens"):
+        for name, least in (("token_budget", 1), ("shrink_above_tokens", 0)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
-                raise ValueError(f"{name} must be a positive integer or None; got {value!r}")
-        if self.token_budget == 0:
-            raise ValueError("token_budget must be a positive integer or None; got 0")
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
+                what = "a positive integer" if least else "a positive integer (0: never)"
+                raise ValueError(f"{name} must be {what} or None for the default; got {value!r}")
         return replace(
             self,
             buckets=buckets,

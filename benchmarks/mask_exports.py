@@ -1,0 +1,53 @@
+"""Copies of an export whose fp16 encoder takes the attention mask in another form, to measure the forms.
+
+The fp16 variant is rewritten from the export's fp32 encoder (the fused graph,
+with the optimizer's "lengths" form) by the exporter's own `write_variant`; the
+copy's manifest records the form, and the benchmark measures its vectors'
+cosine to the PyTorch reference like every contender's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from jobbert_onnx.export.graphs import write_variant
+from jobbert_onnx.manifest import MANIFEST_NAME, encoder_file, read_manifest, sha256_file
+
+
+def derive(export: Path, form: str) -> Path:
+    """A copy of `export` beside it whose fp16 encoder takes the mask in `form` (made once, then reused)."""
+    out = export.with_name(f"{export.name}-mask-{form}")
+    manifest = read_manifest(export)
+    if manifest.variants["fp16"].attention_mask == form:
+        return export
+    if (out / MANIFEST_NAME).is_file() and read_manifest(out).variants["fp16"].attention_mask == form:
+        return out
+    if "fp32" not in manifest.variants:
+        raise ValueError(f"{export} has no fp32 encoder to derive an fp16 one with the {form!r} mask from")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for name in manifest.files:
+        if name != encoder_file("fp16"):
+            os.link(export / name, out / name) if _same_device(export, out) else shutil.copy2(export / name, out / name)
+    fp16 = out / encoder_file("fp16")
+    nodes = write_variant(export / encoder_file("fp32"), fp16, "fp16", form)
+    raw = dict(manifest.raw)
+    raw["files"] = {**raw["files"], fp16.name: {"sha256": sha256_file(fp16), "size": fp16.stat().st_size}}
+    raw["variants"] = {
+        **raw["variants"],
+        "fp16": {
+            **raw["variants"]["fp16"],
+            "nodes": nodes,
+            "attention_mask": form,
+            "validation": {"note": f"derived by benchmarks.mask_exports from {export}; not validated at export"},
+        },
+    }
+    (out / MANIFEST_NAME).write_text(json.dumps(raw, indent=2) + "\n")
+    return out
+
+
+def _same_device(a: Path, b: Path) -> bool:
+    return a.stat().st_dev == b.stat().st_dev

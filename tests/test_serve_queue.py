@@ -80,3 +80,36 @@ def test_admission_beyond_the_queue_limit_is_refused(encoder: Encoder) -> None:
             await queue.close()
 
     asyncio.run(main())
+
+
+def test_the_server_warms_up_on_the_thread_that_encodes(encoder: Encoder, tiny_exports: dict) -> None:
+    """Buffers and CUDA graphs are kept per thread: a warm-up elsewhere would leave the encoding thread cold."""
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from jobbert_onnx.serve.app import build_app
+    from jobbert_onnx.serve.config import ServeConfig
+
+    threads: dict[str, set[str]] = {"warm-up": set(), "request": set()}
+    phase = ["warm-up"]
+    run = encoder.encode_tokenized
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        threads[phase[0]].add(threading.current_thread().name)
+        return run(*args, **kwargs)
+
+    encoder.encode_tokenized = recording  # type: ignore[method-assign]
+    try:
+        config = ServeConfig(model_dir=str(tiny_exports[("router", "fp32")]), devices=("cpu",))
+        with TestClient(build_app(encoder, config)) as client:
+            for _ in range(100):
+                if client.get("/ready").status_code == 200:
+                    break
+                threading.Event().wait(0.05)
+            phase[0] = "request"
+            response = client.post("/v1/embeddings", json={"input": ["Koch", "Data Analyst"], "model": "jobbert-v3"})
+            assert response.status_code == 200, response.text
+    finally:
+        del encoder.encode_tokenized
+    assert threads["warm-up"] and threads["warm-up"] == threads["request"], threads

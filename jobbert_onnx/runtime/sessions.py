@@ -200,7 +200,9 @@ def resolve_device(device: str, probe_graph: Path) -> tuple[Device, str | None]:
     if kind == "cuda":
         raise DeviceError(f"device={device!r} was asked for but CUDA cannot be used: {blocker}")
     if cuda_required():
-        raise DeviceError(f"{REQUIRE_CUDA_ENV} is set, so device='auto' must get CUDA, unusable here: {blocker}")
+        raise DeviceError(
+            f"{REQUIRE_CUDA_ENV} is set, so device='auto' must get CUDA; it cannot be used here: {blocker}"
+        )
     return Device("cpu"), blocker
 
 

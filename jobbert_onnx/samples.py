@@ -1,7 +1,7 @@
 """Real job titles and ESCO skills shipped with the package (see `_data/SOURCES.md`).
 
-Used to train the stand-in tokenizer of random-weight models and to build the
-fixed multilingual sample that every export is validated on.
+Used to build the fixed multilingual sample that every export is validated on,
+the benchmark workloads, and the tests.
 """
 
 from __future__ import annotations

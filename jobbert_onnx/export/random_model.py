@@ -3,9 +3,10 @@
 The real weights cannot be downloaded offline. These models have the exact
 architecture (full size: XLM-R base, 12 layers, hidden 768, vocab 250,002, two
 Dense(768 -> 1024) + Tanh heads) or a tiny one for fast tests, the same files,
-folder names and configuration keys as the hub repository, and the stand-in
-tokenizer from `toy_tokenizer`. Their vectors carry no meaning: use them to
-test wiring, parity and speed, never accuracy.
+folder names and configuration keys as the hub repository, and the genuine
+XLM-R tokenizer (`xlmr_tokenizer`), so token counts are the real model's. Their
+vectors carry no meaning: use them to test wiring, parity and speed, never
+accuracy.
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "ro
     from safetensors.torch import save_file
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
-    from jobbert_onnx.export.toy_tokenizer import XLMR_VOCAB_SIZE, build_xlmr_like_tokenizer
+    from jobbert_onnx.export.xlmr_tokenizer import VOCAB_SIZE, xlmr_tokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     config = XLMRobertaConfig(
-        vocab_size=XLMR_VOCAB_SIZE,
+        vocab_size=VOCAB_SIZE,
         max_position_embeddings=514,
         type_vocab_size=1,
         layer_norm_eps=1e-5,
@@ -119,7 +120,9 @@ def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "ro
     XLMRobertaModel(config).eval().save_pretrained(folder, safe_serialization=True)
     hidden = config.hidden_size
 
-    tokenizer = build_xlmr_like_tokenizer()
+    tokenizer = xlmr_tokenizer()
+    # The hub's tokenizer.json stores a truncation of 128: keep that trap (the model's cap is 64).
+    tokenizer.enable_truncation(max_length=_TOKENIZER_CONFIG["max_length"])
     tokenizer.save(str(folder / "tokenizer.json"))
     _write_json(folder / "tokenizer_config.json", _TOKENIZER_CONFIG)
     _write_json(folder / "sentence_bert_config.json", {"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False})

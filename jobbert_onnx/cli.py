@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jobbert_onnx.manifest import ATTENTION_MASKS, ManifestError
+from jobbert_onnx.manifest import ATTENTION_MASKS, DEFAULT_PRECISIONS, PRECISIONS, ManifestError
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -189,8 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--revision", help="branch, tag or commit of the hub repository")
     export.add_argument(
         "--precision",
-        default="fp16,int8",
-        help="encoder variants, comma-separated, from fp16 (GPU), fp32, int8 (CPU); default fp16,int8",
+        help=f"encoder variants, comma-separated, from {', '.join(PRECISIONS)}; default "
+        f"{','.join(DEFAULT_PRECISIONS)}, where one that misses its gate is left out with a warning (named ones fail)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing export in OUTPUT_DIR")
     export.add_argument("--validate-device", default="auto", help="where to run the validation: auto, cuda, cpu")

@@ -19,6 +19,8 @@ FORMAT_NAME = "jobbert-onnx"
 
 # Encoder variants an export can hold. Pooling and heads are shared and stay fp32.
 PRECISIONS = ("fp16", "fp32", "int8")
+# What an export writes unless told otherwise: fp16 for GPUs and int8 for CPUs, the fastest on each.
+DEFAULT_PRECISIONS = ("fp16", "int8")
 # Which variant runs when the caller does not choose. On CUDA: fp16 (tensor cores),
 # and never int8 (its dynamic-quantization kernels exist only on the CPU). On the
 # CPU: fastest first, as measured by the benchmark (int8 ~3.5x fp32 on titles;
@@ -125,6 +127,12 @@ class Manifest:
             raise ManifestError(
                 f"{self.folder} holds only {have}, which does not run on {device_kind}; "
                 f"export with --precision {PREFERENCE[device_kind][0]}"
+            )
+        dropped = self.raw.get("dropped", {}).get(precision)
+        if dropped is not None:
+            raise ManifestError(
+                f"{self.folder} has no {precision!r} variant: the export left it out because it missed its gate "
+                f"({dropped['reason']}); it has: {have}"
             )
         if precision not in self.variants:
             raise ManifestError(

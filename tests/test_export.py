@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from jobbert_onnx import Encoder
+from jobbert_onnx import Encoder, ManifestError
 from jobbert_onnx.export import ExportValidationError, UnsupportedModelError, export_model
 from jobbert_onnx.export import validate as validate_module
 from jobbert_onnx.export.source import read_model
@@ -240,6 +240,26 @@ def test_failed_validation_leaves_nothing_that_loads(
         )
     assert "fp32" not in str(failure.value), "only the failing variant is named"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_default_variant_that_misses_its_gate_is_left_out_not_fatal(
+    tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(validate_module.REQUIRED_COSINE, "int8", (0.97, 1.5))  # no export can reach this mean
+    lines: list[str] = []
+    with pytest.warns(UserWarning, match="the int8 variant is left out of this export"):
+        manifest = export_model(str(tiny_models["router"]), tmp_path / "out", validate_device="cpu", log=lines.append)
+    assert list(manifest["variants"]) == ["fp16"] and manifest["validation"]["passed"]
+    assert "mean cosine" in manifest["dropped"]["int8"]["reason"]
+    assert manifest["dropped"]["int8"]["validation"]["heads"]["anchor"]["mean_cosine"] < 1.5
+    assert not (tmp_path / "out" / encoder_file("int8")).exists() and encoder_file("int8") not in manifest["files"]
+    assert any(line.startswith("WARNING: the int8 variant is left out") for line in lines)
+    assert Encoder.load(tmp_path / "out", device="cpu").precision == "fp16", "the CPU runs what is there"
+    with pytest.raises(ManifestError, match=r"left it out because it missed its gate \(int8 head"):
+        Encoder.load(tmp_path / "out", device="cpu", precision="int8")
+    with pytest.raises(ExportValidationError, match=r"int8 head 'anchor': mean cosine"):
+        export_model(str(tiny_models["router"]), tmp_path / "named", precision="fp16,int8", log=_quiet)
+    assert not (tmp_path / "named").exists(), "named variants fail the export instead"
 
 
 def test_unknown_precision_names_the_choices(tiny_models: dict, tmp_path: Path) -> None:

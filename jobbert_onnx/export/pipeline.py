@@ -8,6 +8,7 @@ import platform
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
@@ -20,6 +21,7 @@ from jobbert_onnx.export.source import ModelSpec, read_model
 from jobbert_onnx.export.tokenizer import write_tokenizer
 from jobbert_onnx.export.validate import ExportValidationError, describe_failure, validate_export
 from jobbert_onnx.manifest import (
+    DEFAULT_PRECISIONS,
     FORMAT_NAME,
     MANIFEST_NAME,
     POOLING_FILE,
@@ -30,9 +32,6 @@ from jobbert_onnx.manifest import (
     head_file,
     sha256_file,
 )
-
-# fp16 for GPUs and int8 for CPUs: the fastest variant on each.
-DEFAULT_PRECISIONS = ("fp16", "int8")
 
 
 def _version(package: str) -> str | None:
@@ -104,7 +103,7 @@ def export_model(
     source: str,
     output_dir: str | Path,
     revision: str | None = None,
-    precision: str | Sequence[str] = DEFAULT_PRECISIONS,
+    precision: str | Sequence[str] | None = None,
     overwrite: bool = False,
     validate_device: str = "auto",
     log: Callable[[str], None] = print,
@@ -123,6 +122,9 @@ def export_model(
         revision: Branch, tag or commit, for hub ids.
         precision: Encoder variants to write, e.g. ``"fp16,int8"`` or ``["fp32"]``: ``fp16``
             (half precision, for GPUs), ``fp32``, ``int8`` (dynamic quantization, for CPUs).
+            None: the defaults, fp16 and int8, where a variant that misses its gate is left
+            out with a warning (the manifest's ``dropped`` says why) instead of failing the
+            export; a variant asked for by name that misses its gate fails the export.
         overwrite: Replace an existing export in `output_dir`.
         validate_device: Where the new graphs run for validation (``auto``, ``cuda``, ``cpu``).
         log: Receives one line per step.
@@ -140,7 +142,8 @@ def export_model(
         UnsupportedModelError: The source is not JobBERT-v3-shaped.
         ExportValidationError: The graphs do not match PyTorch closely enough.
     """
-    precisions = parse_precisions(precision)
+    named = precision is not None
+    precisions = parse_precisions(precision if precision is not None else DEFAULT_PRECISIONS)
     if attention_mask is not None and attention_mask not in graphs.ATTENTION_MASKS:
         raise ValueError(
             f"unknown attention mask form {attention_mask!r}; choose from: {', '.join(graphs.ATTENTION_MASKS)}"
@@ -213,6 +216,9 @@ def export_model(
                 )
             if variant.get("note"):
                 log(f"  {name}: {variant['note']}")
+        failed = [name for name, variant in figures["variants"].items() if not variant["passed"]]
+        if failed and not named and figures["token_ids_match"] and len(failed) < len(precisions):
+            _drop(work, manifest, figures, failed, log)
         manifest["validation"] = {key: value for key, value in figures.items() if key != "variants"}
         _write_manifest(work, manifest)
         if not figures["passed"]:
@@ -226,6 +232,26 @@ def export_model(
         raise
     log(f"wrote {output} in {time.perf_counter() - started:.0f}s")
     return manifest
+
+
+def _drop(
+    work: Path, manifest: dict[str, Any], figures: dict[str, Any], failed: list[str], log: Callable[[str], None]
+) -> None:
+    """Leave out default variants that missed their gate, saying so in the log, a warning and the manifest."""
+    manifest["dropped"] = {}
+    for name in failed:
+        reason = describe_failure(figures, only=name)
+        message = (
+            f"the {name} variant is left out of this export: it misses its gate ({reason}). "
+            f"Ask for it by name (--precision {name}) to make that an error instead"
+        )
+        log(f"WARNING: {message}")
+        warnings.warn(message, UserWarning, stacklevel=3)
+        (work / encoder_file(name)).unlink()
+        del manifest["files"][encoder_file(name)]
+        manifest["dropped"][name] = {"reason": reason, "validation": manifest["variants"].pop(name)["validation"]}
+        del figures["variants"][name]
+    figures["passed"] = figures["token_ids_match"] and all(v["passed"] for v in figures["variants"].values())
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:

@@ -99,12 +99,14 @@ def validate_export(folder: Path, reference: TorchReference, texts: list[str], d
     return figures
 
 
-def describe_failure(figures: dict[str, Any]) -> str:
-    """One readable sentence on why validation failed."""
+def describe_failure(figures: dict[str, Any], only: str | None = None) -> str:
+    """One readable sentence on why validation failed (for one variant: `only`)."""
     parts = []
-    if not figures["token_ids_match"]:
+    if not figures["token_ids_match"] and only is None:
         parts.append(f"token ids differ from transformers' tokenizer for {figures['token_id_mismatches']}")
     for precision, variant in figures["variants"].items():
+        if only is not None and precision != only:
+            continue
         for route, head in variant["heads"].items():
             if head["min_cosine"] < variant["min_cosine_required"]:
                 parts.append(

@@ -33,7 +33,7 @@ def derive(export: Path, form: str) -> Path:
         if name != encoder_file("fp16"):
             os.link(export / name, out / name) if _same_device(export, out) else shutil.copy2(export / name, out / name)
     fp16 = out / encoder_file("fp16")
-    nodes = write_variant(export / encoder_file("fp32"), fp16, "fp16", form)
+    nodes = write_variant(export / encoder_file("fp32"), fp16, "fp16", form)["nodes"]
     raw = dict(manifest.raw)
     raw["files"] = {**raw["files"], fp16.name: {"sha256": sha256_file(fp16), "size": fp16.stat().st_size}}
     raw["variants"] = {

@@ -133,10 +133,13 @@ def _match(args: argparse.Namespace) -> int:
 def _random_model(args: argparse.Namespace) -> int:
     from jobbert_onnx.export.random_model import build_random_model
 
-    folder = build_random_model(args.output_dir, size=args.size, layout=args.layout, seed=args.seed)
+    folder = build_random_model(
+        args.output_dir, size=args.size, layout=args.layout, seed=args.seed, outliers=args.outliers
+    )
+    with_outliers = ", with trained models' outlier dimensions" if args.outliers else ""
     print(
-        f"wrote a {args.size} JobBERT-v3-shaped model with RANDOM weights ({args.layout} layout) to {folder}; "
-        "its vectors carry no meaning",
+        f"wrote a {args.size} JobBERT-v3-shaped model with RANDOM weights ({args.layout} layout{with_outliers}) "
+        f"to {folder}; its vectors carry no meaning",
         file=sys.stderr,
     )
     return 0
@@ -296,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     random_model.add_argument("--size", choices=["tiny", "full"], default="full")
     random_model.add_argument("--layout", choices=["router", "legacy-asym"], default="router")
     random_model.add_argument("--seed", type=int, default=0)
+    random_model.add_argument(
+        "--outliers",
+        action="store_true",
+        help="give the encoder the outlier dimensions of trained models (to prove low-precision variants on)",
+    )
     random_model.set_defaults(run=_random_model)
     return parser
 

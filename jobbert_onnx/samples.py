@@ -53,3 +53,17 @@ def validation_sample() -> list[str]:
         sample += skill_lists(language, count=2, skills_per_list=40, offset=503)
     sample += ["CEO", "a", "", "   ", "Software Engineer", "Produktmanager", "数据分析师", "  Ingeniero\tde  datos \n"]
     return sample
+
+
+def calibration_sample() -> list[str]:
+    """Texts whose activations set the int8 variant's smoothing scales (about a hundred).
+
+    Titles in four languages and skill lists, none of them in `validation_sample`, so
+    the export is validated on texts its calibration did not see.
+    """
+    sample: list[str] = []
+    for language in LANGUAGES:
+        sample += titles(language)[48::97][:24]
+    for language in SKILL_LANGUAGES:
+        sample += skill_lists(language, count=10, skills_per_list=12, offset=1200)
+    return sample

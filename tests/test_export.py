@@ -97,7 +97,7 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
         assert facts["sha256"] == sha256_file(folder / name)
         assert facts["size"] == (folder / name).stat().st_size
     assert manifest["validation"]["passed"] and manifest["validation"]["token_ids_match"]
-    required = {"fp16": (0.999, 0.999), "fp32": (0.99999, 0.99999), "int8": (0.97, 0.99)}
+    required = {"fp16": (0.999, 0.999), "fp32": (0.99999, 0.99999), "int8": (0.98, 0.995)}
     for name, variant in manifest["variants"].items():
         validation = variant["validation"]
         assert variant["file"] == encoder_file(name)

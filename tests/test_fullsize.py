@@ -44,4 +44,4 @@ def test_full_size_matches_sentence_transformers(full_model: Path, full_exports:
     int8 = Encoder.load(full_exports["int8"], device="cpu")
     assert int8.precision == "int8", "the CPU default is the fastest variant, int8"
     cos = cosines(int8.encode(texts, task=task), expected)
-    assert cos.min() >= 0.97 and cos.mean() >= 0.99, f"int8 {task}: min {cos.min():.6f} mean {cos.mean():.6f}"
+    assert cos.min() >= 0.98 and cos.mean() >= 0.995, f"int8 {task}: min {cos.min():.6f} mean {cos.mean():.6f}"

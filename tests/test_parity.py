@@ -54,7 +54,7 @@ def test_int8_matches_sentence_transformers(
     encoder = Encoder.load(tiny_exports[("router", "int8")], device="cpu", precision="int8")
     assert encoder.chain.encoder.get_inputs()[0].name == "input_ids"
     cos = cosines(encoder.encode(texts, task=task), expected)
-    assert cos.min() >= 0.97 and cos.mean() >= 0.99, f"min {cos.min():.6f} mean {cos.mean():.6f}"
+    assert cos.min() >= 0.98 and cos.mean() >= 0.995, f"min {cos.min():.6f} mean {cos.mean():.6f}"
     assert cos.min() < 1.0 - 1e-7, "int8 vectors equal fp32 ones exactly: the quantized graph did not run"
 
 

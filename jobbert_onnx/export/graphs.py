@@ -15,17 +15,19 @@ tokenizer pads on the right, so every form below describes the same padding.
 
 from __future__ import annotations
 
-import logging
 import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jobbert_onnx.export.graph_edit import topological_sort
 from jobbert_onnx.export.hf import load_encoder
+from jobbert_onnx.export.quantize import Calibration, write_int8
 from jobbert_onnx.export.source import HeadSpec, ModelSpec, load_state
 from jobbert_onnx.manifest import (
     ATTENTION_MASK,
@@ -149,44 +151,33 @@ def set_attention_mask(model: onnx.ModelProto, form: str) -> None:
         )
     for node in attention:
         node.input[3] = new_mask
-    _topological_sort(model.graph)
+    topological_sort(model.graph)
 
 
-def _topological_sort(graph: onnx.GraphProto) -> None:
-    """Order nodes so every input is produced before it is read (appended nodes come last otherwise)."""
-    ready = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
-    pending = list(graph.node)
-    ordered: list[onnx.NodeProto] = []
-    while pending:
-        still = [node for node in pending if not all(name in ready for name in node.input)]
-        done = [node for node in pending if all(name in ready for name in node.input)]
-        if not done:
-            stuck = still[0].name or still[0].op_type
-            raise ValueError(f"the encoder graph has a cycle or an unknown input at {stuck}")
-        for node in done:
-            ordered.append(node)
-            ready.update(node.output)
-        pending = still
-    del graph.node[:]
-    graph.node.extend(ordered)
-
-
-def write_variant(fused: Path, out: Path, precision: str, attention_mask: str | None = None) -> dict[str, int]:
+def write_variant(
+    fused: Path,
+    out: Path,
+    precision: str,
+    attention_mask: str | None = None,
+    calibration: Calibration | None = None,
+) -> dict[str, Any]:
     """Write the encoder in one precision from the fused fp32 graph.
 
     - fp32: the fused graph as it is.
     - fp16: weights and activations in half precision; the inputs stay int64 and
       the output fp32, so pooling and heads run in fp32.
-    - int8: dynamic quantization for the CPU: per-channel int8 weights for every
-      MatMul and the fused Attention (which becomes QAttention), activations
-      quantized per batch at run time, and the word-embedding table stored as
-      int8 (a quarter of the size, dequantized on lookup).
+    - int8: dynamic quantization for the CPU (`quantize.write_int8`): per-channel int8
+      weights for every MatMul and the fused Attention (which becomes QAttention),
+      activations quantized per batch at run time, outlier channels smoothed into the
+      weights (scales from `calibration`), the word-embedding table in int8 with a
+      scale per row.
 
     `attention_mask` is the form of the Attention nodes' mask input (`ATTENTION_MASKS`);
     None takes the precision's default (`DEFAULT_ATTENTION_MASK`).
 
     Returns:
-        Counts of the fused and quantized node types in the written graph.
+        What the manifest records of the variant: ``nodes`` (counts of the fused and
+        quantized node types), ``attention_mask``, and for int8 ``quantization``.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
@@ -199,41 +190,24 @@ def write_variant(fused: Path, out: Path, precision: str, attention_mask: str | 
             set_attention_mask(model, form)
             source = out.with_name(out.name + ".mask.onnx")
             onnx.save(model, str(source))
+        facts: dict[str, Any] = {"attention_mask": form}
         try:
-            _write_precision(source, out, precision)
+            if precision == "fp32":
+                shutil.copyfile(source, out)
+            elif precision == "fp16":
+                from onnxruntime.transformers.onnx_model import OnnxModel
+
+                half = OnnxModel(onnx.load(str(source)))
+                half.convert_float_to_float16(keep_io_types=True)
+                half.save_model_to_file(str(out))
+            elif calibration is None:
+                raise ValueError("the int8 variant needs calibration texts to choose its smoothing")
+            else:
+                facts["quantization"] = write_int8(source, out, calibration)
         finally:
             if source != fused:
                 source.unlink(missing_ok=True)
-    return fused_node_counts(onnx.load(str(out), load_external_data=False))
-
-
-def _write_precision(fused: Path, out: Path, precision: str) -> None:
-    if precision == "fp32":
-        shutil.copyfile(fused, out)
-    elif precision == "fp16":
-        from onnxruntime.transformers.onnx_model import OnnxModel
-
-        model = OnnxModel(onnx.load(str(fused)))
-        model.convert_float_to_float16(keep_io_types=True)
-        model.save_model_to_file(str(out))
-    else:
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        # The quantizer logs a generic pre-processing hint on the root logger; the
-        # graph is already optimized, so the hint does not apply.
-        logging.disable(logging.WARNING)
-        try:
-            quantize_dynamic(
-                str(fused),
-                str(out),
-                per_channel=True,
-                weight_type=QuantType.QInt8,
-                op_types_to_quantize=["MatMul", "Attention", "Gather"],
-                # The fused contrib ops carry no type information for shape inference.
-                extra_options={"DefaultTensorType": TensorProto.FLOAT},
-            )
-        finally:
-            logging.disable(logging.NOTSET)
+    return {"nodes": fused_node_counts(onnx.load(str(out), load_external_data=False)), **facts}
 
 
 def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -16,6 +16,7 @@ from typing import Any
 
 from jobbert_onnx import samples
 from jobbert_onnx.export import graphs
+from jobbert_onnx.export.quantize import Calibration
 from jobbert_onnx.export.reference import TorchReference
 from jobbert_onnx.export.source import ModelSpec, read_model
 from jobbert_onnx.export.tokenizer import write_tokenizer
@@ -158,21 +159,22 @@ def export_model(
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
     try:
+        write_tokenizer(spec, work / TOKENIZER_FILE)
+        calibration = Calibration(work / TOKENIZER_FILE, samples.calibration_sample())
         trace = Path(tempfile.mkdtemp(prefix="jobbert-onnx-trace-"))
-        nodes = {}
+        variants = {}
         try:
             graphs.export_encoder(spec, trace / "encoder.raw.onnx")
             graphs.fuse_encoder(trace / "encoder.raw.onnx", trace / "encoder.fused.onnx", spec)
             for name in precisions:
                 fused = trace / "encoder.fused.onnx"
-                nodes[name] = graphs.write_variant(fused, work / encoder_file(name), name, masks[name])
-                log(f"encoder {name}: {nodes[name]}, attention mask {masks[name]}")
+                variants[name] = graphs.write_variant(fused, work / encoder_file(name), name, masks[name], calibration)
+                log(f"encoder {name}: {variants[name]}")
         finally:
             shutil.rmtree(trace, ignore_errors=True)
         graphs.write_pooling(work / POOLING_FILE, spec.hidden_size)
         for route, head in spec.heads.items():
             graphs.write_head(work / head_file(route), head)
-        write_tokenizer(spec, work / TOKENIZER_FILE)
 
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
@@ -186,13 +188,7 @@ def export_model(
             },
             "architecture": _architecture(spec),
             "variants": {
-                name: {
-                    "file": encoder_file(name),
-                    "nodes": nodes[name],
-                    "attention_mask": masks[name],
-                    "validation": None,
-                }
-                for name in precisions
+                name: {"file": encoder_file(name), **variants[name], "validation": None} for name in precisions
             },
             "opset": graphs.OPSET,
             "versions": _versions(),

@@ -33,6 +33,26 @@ _ENCODER: dict[str, dict[str, Any]] = {
 OUTPUT_DIM = 1024
 MAX_SEQ_LENGTH = 64
 
+# Trained BERT-family encoders, XLM-R included, carry a few outlier hidden dimensions
+# (Kovaleva et al. 2021, "BERT Busters: Outlier Dimensions that Disrupt Transformers";
+# Bondarenko et al. 2021, "Understanding and Overcoming the Challenges of Efficient
+# Transformer Quantization"): LayerNorm gains several times the others in one to three
+# dimensions, and, in late layers, feed-forward outputs of hundreds in those dimensions for
+# delimiter tokens (the separator, commas, full stops), which attention learns to use as a
+# no-op. Gaussian random weights have none. `outliers=True` writes that mechanism in:
+OUTLIER_DIMS = 2  # how many hidden dimensions (chosen by the seed)
+OUTLIER_LN_GAIN = 3.0  # every LayerNorm's gain in those dimensions (1.0 elsewhere)
+DELIMITERS = (2, 4, 5)  # </s>, "," and "." in XLM-R's vocabulary
+OUTLIER_MARKER = 10.0  # the delimiters' word embeddings in those dimensions (about 0.02 elsewhere)
+OUTLIER_LATE_LAYERS = 1 / 3  # the share of layers, from the top, with the feed-forward circuit below
+OUTLIER_UNITS = 16  # feed-forward units per such layer that fire on the marker ...
+OUTLIER_THRESHOLD = 20.0  # ... above this value in those dimensions (normal tokens stay well below) ...
+OUTLIER_OUT_WEIGHT = 2.0  # ... and write back into them: outputs in the hundreds for delimiters
+# Mean pooling carries the delimiters' outlier dimensions into the heads ("rogue dimensions":
+# Timkey & van Schijndel 2021, "All Bark and No Bite"); trained heads read them weakly, or
+# every text would get nearly the same vector. The heads' weights there:
+OUTLIER_HEAD_SCALE = 1 / 200
+
 _SPECIAL = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
 _TOKENIZER_CONFIG: dict[str, Any] = {
     "added_tokens_decoder": {
@@ -73,12 +93,41 @@ _POOLING = {
 }
 
 
+def _add_outliers(encoder: Any, generator: Any) -> list[int]:
+    """Give `encoder` outlier dimensions in place (see `OUTLIER_DIMS`); returns them."""
+    import torch
+
+    hidden = encoder.config.hidden_size
+    dims = torch.randperm(hidden, generator=generator)[:OUTLIER_DIMS]
+    layers = encoder.encoder.layer
+    late = max(1, round(len(layers) * OUTLIER_LATE_LAYERS))
+    with torch.no_grad():
+        norms = [encoder.embeddings.LayerNorm]
+        norms += [n for layer in layers for n in (layer.attention.output.LayerNorm, layer.output.LayerNorm)]
+        for norm in norms:
+            norm.weight[dims] = OUTLIER_LN_GAIN
+        words = encoder.embeddings.word_embeddings.weight
+        for token in DELIMITERS:
+            words[token, dims] = OUTLIER_MARKER
+        inner = encoder.config.intermediate_size
+        for layer in layers[-late:]:
+            units = torch.randperm(inner, generator=generator)[: min(OUTLIER_UNITS, inner)]
+            up, down = layer.intermediate.dense, layer.output.dense
+            up.weight[units] = 0.0
+            up.weight[units[:, None], dims[None, :]] = 1.0
+            up.bias[units] = -OUTLIER_THRESHOLD
+            down.weight[dims[:, None], units[None, :]] = OUTLIER_OUT_WEIGHT
+    return [int(d) for d in dims]
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "router", seed: int = 0) -> Path:
+def build_random_model(
+    folder: str | Path, size: str = "tiny", layout: str = "router", seed: int = 0, outliers: bool = False
+) -> Path:
     """Write a random-weight JobBERT-v3-shaped sentence-transformers folder.
 
     Args:
@@ -87,6 +136,8 @@ def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "ro
         layout: ``"router"`` (current hub revision, ``2_Router``) or
             ``"legacy-asym"`` (sentence-transformers 4.x, ``2_Asym``).
         seed: Seed for the weights; the same seed gives the same model.
+        outliers: Give the encoder the outlier dimensions of trained models (see
+            `OUTLIER_DIMS`), which is what low-precision variants must be proven on.
 
     Returns:
         The folder.
@@ -117,7 +168,9 @@ def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "ro
         architectures=["XLMRobertaModel"],
         **_ENCODER[size],
     )
-    XLMRobertaModel(config).eval().save_pretrained(folder, safe_serialization=True)
+    encoder = XLMRobertaModel(config).eval()
+    dims = _add_outliers(encoder, torch.Generator().manual_seed(seed)) if outliers else []
+    encoder.save_pretrained(folder, safe_serialization=True)
     hidden = config.hidden_size
 
     tokenizer = xlmr_tokenizer()
@@ -132,6 +185,8 @@ def build_random_model(folder: str | Path, size: str = "tiny", layout: str = "ro
     heads = _HEAD_FOLDERS[layout]
     for name in heads.values():
         linear = torch.nn.Linear(hidden, OUTPUT_DIM)
+        with torch.no_grad():
+            linear.weight[:, dims] *= OUTLIER_HEAD_SCALE
         head_folder = folder / module_folder / name
         _write_json(
             head_folder / "config.json",

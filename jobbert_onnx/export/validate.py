@@ -14,7 +14,7 @@ from jobbert_onnx.runtime.sessions import resolve_device
 
 # Cosine to the fp32 PyTorch vectors that every variant must reach, for both heads:
 # (lowest over the sample, mean over the sample).
-REQUIRED_COSINE = {"fp32": (0.99999, 0.99999), "fp16": (0.999, 0.999), "int8": (0.97, 0.99)}
+REQUIRED_COSINE = {"fp32": (0.99999, 0.99999), "fp16": (0.999, 0.999), "int8": (0.98, 0.995)}
 # onnxruntime's CPU provider has no fp16 kernels for most of the encoder: it casts to fp32 and back.
 FP16_ON_CPU = (
     "fp16 ran on the CPU, where onnxruntime computes fp16 nodes in fp32 between casts: "

@@ -1,0 +1,110 @@
+"""int8 that survives trained models' outlier dimensions, proven on replicas that have them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import parity_texts
+from safetensors.numpy import load_file
+
+from jobbert_onnx import Encoder, samples
+from jobbert_onnx.export import export_model
+from jobbert_onnx.export import random_model as rm
+from jobbert_onnx.export.quantize import ALPHAS
+from jobbert_onnx.export.validate import row_cosines
+from jobbert_onnx.manifest import encoder_file, sha256_file
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@pytest.fixture(scope="module")
+def outlier_export(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("outliers")
+    model = rm.build_random_model(root / "model", size="tiny", seed=3, outliers=True)
+    export_model(str(model), root / "export", precision="fp32,int8", validate_device="cpu", log=_quiet)
+    return model, root / "export"
+
+
+def test_the_outlier_replica_has_the_pathologies_of_trained_encoders(outlier_export: tuple[Path, Path]) -> None:
+    model, _ = outlier_export
+    weights = load_file(str(model / "model.safetensors"))
+    gains = weights["embeddings.LayerNorm.weight"]
+    dims = np.flatnonzero(gains == rm.OUTLIER_LN_GAIN)
+    assert len(dims) == rm.OUTLIER_DIMS and np.allclose(np.delete(gains, dims), 1.0)
+    for name, value in weights.items():
+        if name.endswith("LayerNorm.weight"):
+            assert np.array_equal(np.flatnonzero(value == rm.OUTLIER_LN_GAIN), dims), name
+    words = weights["embeddings.word_embeddings.weight"]
+    assert np.all(words[list(rm.DELIMITERS)][:, dims] == rm.OUTLIER_MARKER)
+    assert np.abs(np.delete(words, list(rm.DELIMITERS), axis=0)[:, dims]).max() < 1.0
+    last = max(int(name.split(".")[2]) for name in weights if name.startswith("encoder.layer."))
+    down = weights[f"encoder.layer.{last}.output.dense.weight"]
+    assert (down[dims] == rm.OUTLIER_OUT_WEIGHT).sum() == rm.OUTLIER_DIMS * rm.OUTLIER_UNITS, "late FFN writes them"
+    head = load_file(str(model / "2_Router" / "anchor_0_Dense" / "model.safetensors"))["linear.weight"]
+    assert np.abs(head[:, dims]).max() < np.abs(np.delete(head, dims, axis=1)).max() / 50
+
+
+def test_int8_stays_faithful_where_plain_dynamic_int8_drops(outlier_export: tuple[Path, Path], tmp_path: Path) -> None:
+    """Plain dynamic int8 (one scale per tensor, the embedding table included) is what a user gets from
+    onnxruntime's quantizer, as sentence-transformers' and Optimum's int8 do."""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from sentence_transformers import SentenceTransformer
+
+    model, export = outlier_export
+    plain = tmp_path / "plain"
+    shutil.copytree(export, plain)
+    logging.disable(logging.WARNING)
+    try:
+        quantize_dynamic(
+            str(export / encoder_file("fp32")),
+            str(plain / encoder_file("int8")),
+            per_channel=True,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul", "Attention", "Gather"],
+            extra_options={"DefaultTensorType": TensorProto.FLOAT},
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    manifest = json.loads((plain / "manifest.json").read_text())
+    replaced = plain / encoder_file("int8")
+    manifest["files"][replaced.name] = {"sha256": sha256_file(replaced), "size": replaced.stat().st_size}
+    (plain / "manifest.json").write_text(json.dumps(manifest))
+    texts = parity_texts() + samples.skill_lists("en", count=10, skills_per_list=12, offset=700)
+    reference = SentenceTransformer(str(model), device="cpu").encode(texts, task="positive")
+    ours = row_cosines(Encoder.load(export, device="cpu", precision="int8").encode(texts, task="positive"), reference)
+    naive = row_cosines(Encoder.load(plain, device="cpu", precision="int8").encode(texts, task="positive"), reference)
+    assert ours.min() >= 0.98 and ours.mean() >= 0.995, f"ours: min {ours.min():.6f} mean {ours.mean():.6f}"
+    assert 1 - naive.min() > 10 * (1 - ours.min()), f"plain min {naive.min():.6f} vs ours {ours.min():.6f}"
+
+
+def test_the_manifest_records_how_int8_was_made(outlier_export: tuple[Path, Path], tiny_exports: dict) -> None:
+    _, export = outlier_export
+    smoothing = json.loads((export / "manifest.json").read_text())["variants"]["int8"]["quantization"]["smoothing"]
+    assert smoothing["inputs"] > 0 and smoothing["alpha"] in ALPHAS
+    assert set(smoothing["tried"]) == {str(a) for a in ALPHAS}
+    best = max(smoothing["tried"].values(), key=lambda t: (t["min_cosine"], t["mean_cosine"]))
+    assert smoothing["tried"][str(smoothing["alpha"])] == best, "the best-measured alpha is kept"
+    plain = json.loads((tiny_exports[("router", "int8")] / "manifest.json").read_text())["variants"]["int8"]
+    assert plain["quantization"]["smoothing"]["inputs"] == 0, "without outliers nothing is smoothed"
+    assert list(plain["quantization"]["smoothing"]["tried"]) == ["None"], "and it is quantized once"
+    assert plain["quantization"]["word_embeddings"] == "int8, one scale per row (250002 rows)"
+
+
+@pytest.mark.fullsize
+def test_full_size_outlier_replica_passes_the_int8_gate(tmp_path: Path) -> None:
+    """The full-size replica with outliers, exported with the default precisions: int8 survives its gate."""
+    model = rm.build_random_model(tmp_path / "model", size="full", seed=0, outliers=True)
+    manifest = export_model(str(model), tmp_path / "export", validate_device="cpu", log=_quiet)
+    assert "dropped" not in manifest, manifest.get("dropped")
+    for route, figures in manifest["variants"]["int8"]["validation"]["heads"].items():
+        assert figures["min_cosine"] >= 0.98 and figures["mean_cosine"] >= 0.995, (route, figures)
+    tried = manifest["variants"]["int8"]["quantization"]["smoothing"]["tried"]
+    assert min(t["min_cosine"] for t in tried.values()) < 0.9, "some alpha fails on this replica: the choice matters"

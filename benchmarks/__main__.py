@@ -330,7 +330,7 @@ def _write(document: dict[str, Any], args: argparse.Namespace, started: float) -
 
 def _quality(results: list[dict[str, Any]], out: Path, texts: dict[str, Any]) -> None:
     """Cosine of every contender's vectors to the fp32 PyTorch reference's, per head."""
-    from jobbert_onnx.export.validate import row_cosines
+    from jobbert_onnx.vectors import row_cosines
 
     for name in texts:
         reference_path = out / f"{_slug(REFERENCE)}.{name}.npy"

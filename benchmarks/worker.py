@@ -39,6 +39,8 @@ def _jobbert_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
     options = dict(config.get("options", {}))
     precision = options.pop("precision", None)
     export = options.pop("export", None) or config["export"]
+    # Peers encode every text, repeats included: so does this contender, unless a run asks otherwise.
+    options.setdefault("dedup", False)
     encoder = Encoder.load(export, device=config["device"], precision=precision, tuning=Tuning.from_options(options))
 
     def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:

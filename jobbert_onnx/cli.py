@@ -3,21 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import inspect
 import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from jobbert_onnx.manifest import ATTENTION_MASKS, DEFAULT_PRECISIONS, PRECISIONS, ManifestError
+from jobbert_onnx.cache import CACHE_ENV
+from jobbert_onnx.errors import JobbertOnnxError, missing_extra
+from jobbert_onnx.manifest import ATTENTION_MASKS, DEFAULT_PRECISIONS, PRECISIONS
+from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
+
+DEVICE_HELP = "auto (CUDA when it loads, else the CPU), cuda, cuda:N or cpu"
+CACHE_HELP = f"${CACHE_ENV}, $HF_HOME/jobbert-onnx, $XDG_CACHE_HOME/jobbert-onnx or ~/.cache/jobbert-onnx"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _export(args: argparse.Namespace) -> int:
-    from jobbert_onnx.export import export_model
-
-    def log(line: str) -> None:
-        print(line, file=sys.stderr)
+    try:
+        from jobbert_onnx.export import export_model
+    except ImportError as error:
+        raise missing_extra("export", "export", error) from None
 
     export_model(
         args.source,
@@ -26,7 +39,7 @@ def _export(args: argparse.Namespace) -> int:
         precision=args.precision,
         overwrite=args.overwrite,
         validate_device=args.validate_device,
-        log=log,
+        log=_stderr,
         allow_pickle=args.allow_pickle,
         attention_mask=args.attention_mask,
     )
@@ -37,7 +50,7 @@ def _encode(args: argparse.Namespace) -> int:
     from jobbert_onnx.runtime import Encoder
 
     texts = list(args.texts) if args.texts else [line.rstrip("\n") for line in sys.stdin]
-    encoder = Encoder.load(args.model_dir, device=args.device, precision=args.precision)
+    encoder = Encoder.load(_export_folder(args), device=args.device, precision=args.precision)
     vectors = encoder.encode(
         texts,
         task=args.task,
@@ -63,7 +76,7 @@ def _embed(args: argparse.Namespace) -> int:
     from jobbert_onnx.batch.embed import EmbedJob, local_encoder, report_path, run_embed
 
     job = EmbedJob(
-        model_dir=str(args.model_dir),
+        model_dir=_export_folder(args),
         input=str(args.input),
         output=str(args.output),
         task=args.task,
@@ -89,7 +102,7 @@ def _embed(args: argparse.Namespace) -> int:
         resume=args.resume,
         overwrite=args.overwrite,
         progress=not args.quiet and sys.stderr.isatty(),
-        log=lambda line: print(line, file=sys.stderr),
+        log=_stderr,
     )
     if not args.quiet:
         print(
@@ -105,7 +118,7 @@ def _match(args: argparse.Namespace) -> int:
     from jobbert_onnx.batch.match import run_match
 
     summary = run_match(
-        str(args.model_dir),
+        _export_folder(args),
         str(args.queries),
         str(args.taxonomy),
         str(args.output),
@@ -119,7 +132,7 @@ def _match(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         precision=args.precision,
-        log=(lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr)),
+        log=(lambda line: None) if args.quiet else _stderr,
     )
     if not args.quiet:
         print(
@@ -153,11 +166,11 @@ def _serve(args: argparse.Namespace) -> int:
         from jobbert_onnx.serve.config import API_KEY_ENV
         from jobbert_onnx.serve.workers import serve, setup_logging
     except ImportError as error:
-        raise ImportError(f"{error}; the server needs: pip install 'jobbert-onnx[serve]'") from None
+        raise missing_extra("the server", "serve", error) from None
 
     setup_logging()
     config = ServeConfig(
-        model_dir=str(args.model_dir),
+        model_dir=_export_folder(args),
         host=args.host,
         port=args.port,
         devices=tuple(device.strip() for device in args.device.split(",") if device.strip()),
@@ -174,13 +187,61 @@ def _serve(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         max_queue_texts=args.max_queue_texts,
         body_timeout_s=args.body_timeout_s,
+        cache_size=args.cache_size,
         log_texts=args.log_texts,
         verify=not args.no_verify,
     )
     return serve(config)
 
 
+def _defaults(kind: Any) -> dict[str, Any]:
+    """The default of every field of a dataclass, or of every keyword parameter of a function."""
+    if dataclasses.is_dataclass(kind):
+        return {f.name: f.default for f in dataclasses.fields(kind) if f.default is not dataclasses.MISSING}
+    return {
+        name: p.default
+        for name, p in inspect.signature(kind).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
+
+
+def _model_options(
+    parser: argparse.ArgumentParser, *, batch_size: int | None = DEFAULT_BATCH_SIZE, device_help: str = DEVICE_HELP
+) -> None:
+    """MODEL and the options every command that loads a model shares."""
+    parser.add_argument(
+        "model",
+        metavar="MODEL",
+        help="an export folder, a sentence-transformers folder, or a hub id (e.g. TechWolf/JobBERT-v3); "
+        "the last two are exported once into the cache (needs jobbert-onnx[export])",
+    )
+    parser.add_argument("--revision", help="branch, tag or commit, when MODEL is a hub id")
+    parser.add_argument("--cache-dir", type=Path, help=f"where exports of MODEL are cached (default: {CACHE_HELP})")
+    parser.add_argument("--device", default="auto", help=device_help)
+    parser.add_argument(
+        "--precision", choices=PRECISIONS, help="encoder variant (default: fp16 on CUDA; on the CPU the fastest held)"
+    )
+    if batch_size is not None:
+        parser.add_argument("--batch-size", type=int, default=batch_size, help=f"texts per graph run ({batch_size})")
+
+
+def _export_folder(args: argparse.Namespace) -> str:
+    """The export folder for MODEL: itself, or its cached export (made now if needed)."""
+    from jobbert_onnx.cache import resolve_model
+
+    return str(
+        resolve_model(
+            args.model, revision=args.revision, precision=args.precision, cache_dir=args.cache_dir, log=_stderr
+        ).folder
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from jobbert_onnx.batch.embed import BAD_ROW_POLICIES, OUTPUT_DTYPES, EmbedJob
+    from jobbert_onnx.batch.match import MATCH_BAD_ROW_POLICIES, run_match
+    from jobbert_onnx.export.random_model import LAYOUTS, SIZES, build_random_model
+    from jobbert_onnx.serve.config import API_KEY_ENV, ServeConfig
+
     parser = argparse.ArgumentParser(
         prog="jobbert-onnx", description="JobBERT-v3 as ONNX graphs, encoded without torch."
     )
@@ -213,92 +274,92 @@ def build_parser() -> argparse.ArgumentParser:
     encode = commands.add_parser(
         "encode", help="encode texts (arguments, or one per line on stdin) to JSON lines or .npy"
     )
-    encode.add_argument("model_dir", type=Path)
+    _model_options(encode)
     encode.add_argument("texts", nargs="*", help="texts to encode; read from stdin, one per line, if none")
     encode.add_argument("--task", default=None, help="anchor (job titles) or positive (skill lists); default: anchor")
-    encode.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    encode.add_argument("--precision", help="encoder variant: fp16, fp32 or int8 (default: the fastest for the device)")
-    encode.add_argument("--batch-size", type=int, default=32)
     encode.add_argument("--normalize", action="store_true", help="unit-length vectors")
     encode.add_argument("--progress", action="store_true", help="progress bar on stderr")
     encode.add_argument("-o", "--output", type=Path, help="write .npy or .jsonl here instead of JSON lines on stdout")
     encode.set_defaults(run=_encode)
 
+    job = _defaults(EmbedJob)
     embed = commands.add_parser(
         "embed", help="embed a file of texts (.txt/.csv/.tsv/.jsonl/.parquet) into .parquet or .npy, resumably"
     )
-    embed.add_argument("model_dir", type=Path)
+    _model_options(embed, batch_size=job["batch_size"])
     embed.add_argument("input", type=Path)
     embed.add_argument("output", type=Path, help=".parquet (id, text, embedding) or .npy (+ .ids.jsonl)")
     embed.add_argument("--task", required=True, help="anchor (job titles) or positive (skill lists)")
     embed.add_argument("--column", help="text column (default: the only column, or 'text')")
     embed.add_argument("--id-column", help="column kept as the row id (default: the row number)")
-    embed.add_argument("--dtype", choices=["float32", "float16"], default="float32")
-    embed.add_argument("--on-bad-row", choices=["error", "skip", "empty"], default="error")
+    embed.add_argument("--dtype", choices=OUTPUT_DTYPES, default=job["dtype"])
+    embed.add_argument("--on-bad-row", choices=BAD_ROW_POLICIES, default=job["on_bad_row"])
     embed.add_argument("--resume", action="store_true", help="continue an interrupted run of the same job")
     embed.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     embed.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-    embed.add_argument("--device", default="auto")
-    embed.add_argument("--precision", help="encoder variant (default: the fastest for the device)")
-    embed.add_argument("--batch-size", type=int, default=32)
-    embed.add_argument("--chunk-rows", type=int, default=8192, help="rows per part (the unit of resuming)")
+    embed.add_argument("--chunk-rows", type=int, default=job["chunk_rows"], help="rows per part (the unit of resuming)")
     embed.add_argument(
         "--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
         help="encode on a Ray cluster (ADDRESS, e.g. ray://head:10001; none: a local instance)",
     )  # fmt: skip
     embed.set_defaults(run=_embed)
 
+    matching = _defaults(run_match)
     match = commands.add_parser("match", help="match job titles to the top-k concepts of a taxonomy (e.g. ESCO)")
-    match.add_argument("model_dir", type=Path)
+    _model_options(match, batch_size=matching["batch_size"])
     match.add_argument("queries", type=Path, help="titles: .txt/.csv/.tsv/.jsonl/.parquet")
     match.add_argument("taxonomy", type=Path, help="CSV/TSV of concepts: id, label, optional |-joined alternatives")
     match.add_argument("output", type=Path, help=".csv (a row per query and rank) or .jsonl (a line per query)")
-    match.add_argument("--top-k", type=int, default=10)
+    match.add_argument("--top-k", type=int, default=matching["top_k"])
     match.add_argument("--column", help="query text column")
     match.add_argument("--id-column", help="query id column (default: the row number)")
-    match.add_argument("--concept-id-column", default="concept_uri")
-    match.add_argument("--label-column", default="preferred_label")
-    match.add_argument("--alt-column", default="alt_labels", help="|-joined alternative labels ('' for none)")
-    match.add_argument("--on-bad-row", choices=["error", "skip"], default="error")
-    match.add_argument("--device", default="auto")
-    match.add_argument("--precision", help="encoder variant (default: the fastest for the device)")
-    match.add_argument("--batch-size", type=int, default=32)
+    match.add_argument("--concept-id-column", default=matching["concept_id_column"])
+    match.add_argument("--label-column", default=matching["label_column"])
+    match.add_argument("--alt-column", default=matching["alt_column"], help="|-joined alternative labels ('' for none)")
+    match.add_argument("--on-bad-row", choices=MATCH_BAD_ROW_POLICIES, default=matching["on_bad_row"])
     match.add_argument("--quiet", action="store_true")
     match.set_defaults(run=_match)
 
+    config = _defaults(ServeConfig)
     serve = commands.add_parser(
         "serve", help="serve POST /v1/embeddings (OpenAI-compatible) with dynamic batching (needs jobbert-onnx[serve])"
     )
-    serve.add_argument("model_dir", type=Path)
-    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    serve.add_argument("--port", type=int, default=8080, help="TCP port (0: any free one)")
-    serve.add_argument(
-        "--device", default="auto", help="auto, cpu, cuda, cuda:N, or a list (cuda:0,cuda:1): one group each"
+    _model_options(
+        serve, batch_size=None, device_help="auto, cpu, cuda, cuda:N, or a list (cuda:0,cuda:1): one group each"
     )
-    serve.add_argument("--workers", type=int, default=1, help="processes per device, sharing the port")
-    serve.add_argument("--precision", help="encoder variant (default: the fastest for the device)")
+    serve.add_argument("--host", default=config["host"], help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=config["port"], help="TCP port (0: any free one)")
+    serve.add_argument("--workers", type=int, default=config["workers"], help="processes per device, sharing the port")
     serve.add_argument("--threads", type=int, help="onnxruntime threads per graph (default: cores / workers)")
-    serve.add_argument("--served-model-name", default="jobbert-v3", help="the 'model' clients send")
-    serve.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (default: $JOBBERT_ONNX_API_KEY)")
-    serve.add_argument("--max-batch-texts", type=int, default=64, help="texts per device batch")
-    serve.add_argument("--max-batch-tokens", type=int, default=16384, help="tokens per device batch")
-    serve.add_argument("--max-wait-ms", type=float, default=2.0, help="how long a batch waits for more requests")
-    serve.add_argument("--max-inputs", type=int, default=2048, help="texts per request")
-    serve.add_argument("--max-chars", type=int, default=4096, help="longer texts are cut (the model reads 64 tokens)")
-    serve.add_argument("--max-body-bytes", type=int, default=16 * 1024 * 1024, help="larger bodies get 413")
-    serve.add_argument("--max-queue-texts", type=int, default=8192, help="beyond this many queued texts: 503")
-    serve.add_argument("--body-timeout-s", type=float, default=30.0, help="slower request bodies get 408")
+    serve.add_argument("--served-model-name", default=config["served_model_name"], help="the 'model' clients send")
+    serve.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' (default: ${API_KEY_ENV})")
+    limits = {
+        "max_batch_texts": (int, "texts per device batch"),
+        "max_batch_tokens": (int, "tokens per device batch"),
+        "max_wait_ms": (float, "how long a batch waits for more requests"),
+        "max_inputs": (int, "texts per request"),
+        "max_chars": (int, "longer texts are cut to this many characters before tokenizing"),
+        "max_body_bytes": (int, "larger bodies get 413"),
+        "max_queue_texts": (int, "beyond this many queued texts: 503"),
+        "body_timeout_s": (float, "slower request bodies get 408"),
+        "cache_size": (int, "vectors kept in an LRU cache of texts seen before, per task; 0: no cache"),
+    }
+    for name, (kind, text) in limits.items():
+        serve.add_argument(
+            f"--{name.replace('_', '-')}", type=kind, default=config[name], help=f"{text} ({config[name]})"
+        )
     serve.add_argument("--log-texts", action="store_true", help="log request texts (off by default)")
     serve.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files")
     serve.set_defaults(run=_serve)
 
+    model = _defaults(build_random_model)
     random_model = commands.add_parser(
         "random-model", help="write a JobBERT-v3-shaped model with random weights (for offline tests and benchmarks)"
     )
     random_model.add_argument("output_dir", type=Path)
-    random_model.add_argument("--size", choices=["tiny", "full"], default="full")
-    random_model.add_argument("--layout", choices=["router", "legacy-asym"], default="router")
-    random_model.add_argument("--seed", type=int, default=0)
+    random_model.add_argument("--size", choices=SIZES, default=model["size"], help=f"default: {model['size']}")
+    random_model.add_argument("--layout", choices=LAYOUTS, default=model["layout"])
+    random_model.add_argument("--seed", type=int, default=model["seed"])
     random_model.add_argument(
         "--outliers",
         action="store_true",
@@ -313,7 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.run(args))
-    except (ManifestError, FileExistsError, ValueError, TypeError, RuntimeError, ImportError) as error:
+    except JobbertOnnxError as error:
         print(f"jobbert-onnx {args.command}: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

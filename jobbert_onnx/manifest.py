@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobbert_onnx.errors import JobbertOnnxError
+
 MANIFEST_NAME = "manifest.json"
 # 3: pooling selects real tokens with Where (NaN-safe); variants record their attention mask form.
 SCHEMA_VERSION = 3
@@ -56,7 +58,7 @@ def head_file(route: str) -> str:
     return f"head_{route}.onnx"
 
 
-class ManifestError(ValueError):
+class ManifestError(JobbertOnnxError, ValueError):
     """An export folder is missing, incomplete, or from an incompatible version."""
 
 

@@ -91,7 +91,7 @@ def test_the_number_of_captured_graphs_is_bounded(tiny_exports: dict, monkeypatc
     encoder = _graph_chain_on_cpu(tiny_exports[("router", "fp32")])
     log = _RunLog(encoder)
     for rows in (1, 2, 4, 8):
-        encoder.encode(["Data Analyst"] * rows, batch_size=rows)
+        encoder.encode([f"Data Analyst {i}" for i in range(rows)], batch_size=rows)
     assert encoder.chain.captured_shapes() == [(1, 8), (2, 8)]
     assert log.ids[-1] == "-1", "shapes beyond the bound run without a graph"
     assert "3" not in log.ids
@@ -127,7 +127,7 @@ def test_huge_batches_run_fresh_and_the_call_shrinks_once(tiny_exports: dict) ->
     tuning = Tuning(reuse_buffers=True, shrink_above_tokens=100)
     encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=tuning)
     log = _RunLog(encoder)
-    texts = ["python, sql, docker, " * 20] * 40
+    texts = [f"python, sql, docker {i}, " * 20 for i in range(40)]
     encoder.encode(texts, batch_size=8)  # five huge batches
     assert log.shrinks == 1 and len(log.ids) == 6, "one shrink per call, after the last batch"
     assert encoder.chain.cached_shapes() == 0

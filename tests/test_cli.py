@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from jobbert_onnx import Encoder
 
@@ -56,3 +57,57 @@ def test_errors_are_one_clear_line(tiny_exports: dict, tmp_path: Path) -> None:
     assert result.returncode == 1 and "unknown task 'title'; this model has: anchor, positive" in result.stderr
     result = _cli("export", str(tmp_path / "missing"), str(tmp_path / "out"))
     assert result.returncode == 1 and "neither an existing folder nor a hub id" in result.stderr
+
+
+def test_cli_defaults_come_from_the_library() -> None:
+    import dataclasses
+    import inspect
+
+    from jobbert_onnx.batch.embed import EmbedJob
+    from jobbert_onnx.batch.match import run_match
+    from jobbert_onnx.cli import build_parser
+    from jobbert_onnx.export.random_model import build_random_model
+    from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
+    from jobbert_onnx.serve import ServeConfig
+
+    parser = build_parser()
+
+    def parsed(*argv: str) -> dict:
+        return vars(parser.parse_args(list(argv)))
+
+    serve = parsed("serve", "m")
+    for field in dataclasses.fields(ServeConfig):
+        if field.name in serve and field.default is not dataclasses.MISSING:
+            assert serve[field.name] == field.default, field.name
+    embed = parsed("embed", "m", "in.txt", "out.npy", "--task", "anchor")
+    for field in dataclasses.fields(EmbedJob):
+        if field.name in embed and field.default is not dataclasses.MISSING:
+            assert embed[field.name] == field.default, field.name
+    match = parsed("match", "m", "q.txt", "t.csv", "o.csv")
+    for name, parameter in inspect.signature(run_match).parameters.items():
+        if name in match and parameter.default is not inspect.Parameter.empty and name != "log":
+            assert match[name] == parameter.default, name
+    random_model = parsed("random-model", "out")
+    for name in ("size", "layout", "seed"):
+        assert random_model[name] == inspect.signature(build_random_model).parameters[name].default
+    assert parsed("encode", "m")["batch_size"] == DEFAULT_BATCH_SIZE
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:
+    from jobbert_onnx import cli
+
+    def bug(args: object) -> int:
+        raise RuntimeError("a bug, not a user error")
+
+    monkeypatch.setattr(cli, "_random_model", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["random-model", "out"])
+
+
+def test_ray_keeps_an_explicit_cpu_on_gpu_clusters() -> None:
+    from jobbert_onnx.batch.ray_embed import actor_placement
+
+    assert actor_placement("cpu", cluster_gpus=4) == ("cpu", 0)
+    assert actor_placement("auto", cluster_gpus=4) == ("cuda", 1)
+    assert actor_placement("auto", cluster_gpus=0) == ("auto", 0)
+    assert actor_placement("cuda:1", cluster_gpus=2) == ("cuda", 1)

@@ -11,8 +11,8 @@ import pytest
 from conftest import assert_close, parity_texts
 
 from jobbert_onnx import Encoder
-from jobbert_onnx.export.validate import row_cosines as cosines
 from jobbert_onnx.manifest import encoder_file
+from jobbert_onnx.vectors import row_cosines as cosines
 
 pytestmark = pytest.mark.fullsize
 

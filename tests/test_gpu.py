@@ -16,8 +16,8 @@ from conftest import _quiet, assert_close, parity_texts
 
 from jobbert_onnx import Encoder, Tuning
 from jobbert_onnx.export import export_model
-from jobbert_onnx.export.validate import row_cosines as cosines
 from jobbert_onnx.manifest import POOLING_FILE, TOKEN_EMBEDDINGS
+from jobbert_onnx.vectors import row_cosines as cosines
 
 pytestmark = pytest.mark.gpu
 CUDA_PROVIDER = "CUDAExecutionProvider"

@@ -10,6 +10,7 @@ import onnxruntime as ort
 import pytest
 from conftest import assert_close
 
+from jobbert_onnx.errors import SetupError
 from jobbert_onnx.export import graphs
 from jobbert_onnx.manifest import ATTENTION_MASK, INPUT_IDS, POOLING_FILE, TOKEN_EMBEDDINGS
 
@@ -99,5 +100,5 @@ def test_a_graph_without_fused_attention_is_refused() -> None:
             [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
         )
     )
-    with pytest.raises(ValueError, match="do not share one ReduceSum mask input"):
+    with pytest.raises(SetupError, match="do not share one ReduceSum mask input"):
         graphs.set_attention_mask(model, "2d")

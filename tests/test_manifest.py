@@ -19,12 +19,15 @@ def export_copy(tiny_exports: dict, tmp_path: Path) -> Path:
 
 
 def test_folder_without_manifest(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="not a jobbert-onnx export; create one with `jobbert-onnx export"):
+    with pytest.raises(
+        ManifestError,
+        match="not a jobbert-onnx export, nor a sentence-transformers folder.*`jobbert-onnx export SOURCE",
+    ):
         Encoder.load(tmp_path, device="cpu")
 
 
 def test_missing_folder(tmp_path: Path) -> None:
-    with pytest.raises(ManifestError, match="is not a folder"):
+    with pytest.raises(ManifestError, match="is not a folder, nor a hub id"):
         Encoder.load(tmp_path / "nothing", device="cpu")
 
 

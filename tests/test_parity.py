@@ -10,7 +10,7 @@ import pytest
 from conftest import assert_close, parity_texts
 
 from jobbert_onnx import Encoder
-from jobbert_onnx.export.validate import row_cosines as cosines
+from jobbert_onnx.vectors import row_cosines as cosines
 
 # fp32 is the exact variant; fp16 runs the encoder in half precision; int8 is
 # dynamically quantized and held to the export's bar (min 0.97, mean 0.99).

@@ -16,8 +16,8 @@ from jobbert_onnx import Encoder, samples
 from jobbert_onnx.export import export_model
 from jobbert_onnx.export import random_model as rm
 from jobbert_onnx.export.quantize import ALPHAS
-from jobbert_onnx.export.validate import row_cosines
 from jobbert_onnx.manifest import encoder_file, sha256_file
+from jobbert_onnx.vectors import row_cosines
 
 
 def _quiet(_: str) -> None:

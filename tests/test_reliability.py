@@ -130,13 +130,13 @@ def test_reused_buffers_keep_a_bounded_number_of_shapes(tiny_exports: dict) -> N
         tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=True)
     )
     for rows in range(1, 3 * MAX_SHAPES):
-        encoder.encode(["Data Analyst"] * rows, batch_size=rows)
+        encoder.encode([f"Data Analyst {i}" for i in range(rows)], batch_size=rows)
     assert encoder.chain.cached_shapes() == MAX_SHAPES
 
 
 def test_huge_batches_run_outside_the_cached_buffers(tiny_exports: dict) -> None:
     folder = tiny_exports[("router", "fp32")]
-    texts = ["python, sql, docker, " * 20] * 40
+    texts = [f"python, sql, docker {i}, " * 20 for i in range(40)]
     small_limit = Encoder.load(
         folder, device="cpu", precision="fp32", tuning=Tuning(reuse_buffers=True, shrink_above_tokens=100)
     )

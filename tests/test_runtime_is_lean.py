@@ -33,10 +33,15 @@ print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in {HEAVY!r}))
 
 
 def test_runtime_sources_import_only_the_lean_stack() -> None:
-    files = [*sorted((PACKAGE / "runtime").glob("*.py")), PACKAGE / "manifest.py", PACKAGE / "__init__.py"]
+    ground_floor = ("manifest.py", "__init__.py", "errors.py", "_files.py", "vectors.py", "cache.py")
+    files = [*sorted((PACKAGE / "runtime").glob("*.py")), *(PACKAGE / name for name in ground_floor)]
     allowed = {"numpy", "tokenizers", "onnxruntime", "jobbert_onnx", "__future__"}
+    # The cache exports on a first load by hub id or folder: only there, inside a function, and
+    # with an error naming the [export] extra where it is missing (tests/test_cache.py).
+    deferred = {"cache.py": {"jobbert_onnx.export", "huggingface_hub", "huggingface_hub.errors"}}
     for path in files:
         tree = ast.parse(path.read_text())
+        top_level = {id(node) for node in tree.body}
         for node in ast.walk(tree):
             names = []
             if isinstance(node, ast.Import):
@@ -44,6 +49,8 @@ def test_runtime_sources_import_only_the_lean_stack() -> None:
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 names = [node.module]
             for name in names:
+                if name in deferred.get(path.name, ()) and id(node) not in top_level:
+                    continue
                 root = name.split(".")[0]
                 if name.startswith("jobbert_onnx.export"):
                     raise AssertionError(f"{path.name} imports the exporter ({name})")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -311,7 +312,7 @@ def test_a_crashed_worker_is_restarted(model_dir: Path) -> None:
         assert pool.terminate() == 0
 
 
-def test_workers_that_cannot_start_stop_the_server(tmp_path: Path) -> None:
+def test_a_folder_that_is_no_model_is_refused_before_any_worker_starts(tmp_path: Path) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "jobbert_onnx", "serve", str(tmp_path), "--port", "0", "--workers", "2"],
         capture_output=True,
@@ -319,4 +320,19 @@ def test_workers_that_cannot_start_stop_the_server(tmp_path: Path) -> None:
         timeout=120,
     )
     assert result.returncode == 1
-    assert "manifest.json" in result.stderr and "at start-up; stopping" in result.stderr
+    assert "has no manifest.json" in result.stderr and "at start-up" not in result.stderr
+
+
+def test_workers_that_cannot_start_stop_the_server(tiny_exports: dict, tmp_path: Path) -> None:
+    export = Path(shutil.copytree(tiny_exports[("router", "fp32")], tmp_path / "export"))
+    pooling = export / "pooling.onnx"
+    data = bytearray(pooling.read_bytes())
+    data[-1] ^= 0xFF  # same size, other bytes: the workers' sha256 check refuses it
+    pooling.write_bytes(bytes(data))
+    result = subprocess.run(
+        [sys.executable, "-m", "jobbert_onnx", "serve", str(export), "--port", "0", "--workers", "2",
+         "--device", "cpu", "--precision", "fp32"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "pooling.onnx does not match its sha256" in result.stderr and "at start-up; stopping" in result.stderr

@@ -20,16 +20,23 @@ from typing import Any
 
 import numpy as np
 
+from jobbert_onnx._files import write_json
 from jobbert_onnx.batch.reader import Rows, TableReader, fingerprint
-from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, part_name, write_json, write_part
+from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, part_name, write_part
+from jobbert_onnx.errors import JobbertOnnxError
 from jobbert_onnx.manifest import MANIFEST_NAME, sha256_file
+from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
 from jobbert_onnx.runtime.progress import Progress
+from jobbert_onnx.runtime.tuning import Tuning
 
 BAD_ROW_POLICIES = ("error", "skip", "empty")
+OUTPUT_DTYPES = ("float32", "float16")
+# Rows read, encoded and written together (the unit of resuming).
+CHUNK_ROWS = 8192
 EncodeChunk = Callable[[list[str]], np.ndarray]
 
 
-class EmbedError(ValueError):
+class EmbedError(JobbertOnnxError, ValueError):
     """The job cannot run as asked, or stopped on a bad row."""
 
 
@@ -45,15 +52,15 @@ class EmbedJob:
     id_column: str | None = None
     dtype: str = "float32"
     on_bad_row: str = "error"
-    chunk_rows: int = 8192
-    batch_size: int = 32
+    chunk_rows: int = CHUNK_ROWS
+    batch_size: int = DEFAULT_BATCH_SIZE
     precision: str | None = None
 
     def check(self) -> None:
         if Path(self.output).suffix.lower() not in OUTPUT_SUFFIXES:
             raise EmbedError(f"{self.output}: write .parquet or .npy (got {Path(self.output).suffix or 'no suffix'})")
-        if self.dtype not in ("float32", "float16"):
-            raise EmbedError(f"--dtype must be float32 or float16; got {self.dtype!r}")
+        if self.dtype not in OUTPUT_DTYPES:
+            raise EmbedError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}; got {self.dtype!r}")
         if self.on_bad_row not in BAD_ROW_POLICIES:
             raise EmbedError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}; got {self.on_bad_row!r}")
         if self.chunk_rows < 1 or self.batch_size < 1:
@@ -218,7 +225,7 @@ def run_embed(
             f"row count mismatch: {report.rows_in} in, {report.rows_out} out, {len(report.skipped)} skipped"
         )
     report.seconds = time.perf_counter() - started
-    report_path(output).write_text(json.dumps(asdict(report), indent=2, ensure_ascii=False) + "\n")
+    write_json(report_path(output), asdict(report))
     shutil.rmtree(parts)
     return report
 
@@ -253,12 +260,13 @@ def _jsonable(value: Any) -> Any:
 
 
 def local_encoder(
-    model_dir: str, task: str, batch_size: int, device: str, precision: str | None
+    model_dir: str, task: str, batch_size: int, device: str, precision: str | None, tuning: Tuning | None = None
 ) -> Callable[[Iterator[list[str]]], Iterator[np.ndarray]]:
-    """encode_chunks for one process: the runtime's Encoder, loaded once."""
+    """encode_chunks for one process: the runtime's Encoder, loaded once (each chunk's repeated
+    texts are encoded once, unless `tuning` turns dedup off)."""
     from jobbert_onnx.runtime import Encoder
 
-    encoder = Encoder.load(model_dir, device=device, precision=precision)
+    encoder = Encoder.load(model_dir, device=device, precision=precision, tuning=tuning)
     route = encoder.resolve_task(task)
 
     def encode_chunks(chunks: Iterator[list[str]]) -> Iterator[np.ndarray]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -22,12 +21,19 @@ from typing import Any
 
 import numpy as np
 
+from jobbert_onnx._files import atomic_path
+from jobbert_onnx.batch.embed import CHUNK_ROWS
+from jobbert_onnx.errors import JobbertOnnxError
 from jobbert_onnx.manifest import MANIFEST_NAME, sha256_file
+from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
+from jobbert_onnx.vectors import normalize
 
 LABEL_BLOCK = 65536
+# What a bad query row can do: stop the job, or be left out and reported.
+MATCH_BAD_ROW_POLICIES = ("error", "skip")
 
 
-class MatchError(ValueError):
+class MatchError(JobbertOnnxError, ValueError):
     """The taxonomy or the queries cannot be used as given."""
 
 
@@ -102,26 +108,20 @@ def label_vectors(
         if vectors.shape[0] == len(taxonomy.labels):
             return vectors
     cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
     log(f"encoding {len(taxonomy.labels)} taxonomy labels (cached in {cache}) ...")
-    out = None
-    for start in range(0, len(taxonomy.labels), LABEL_BLOCK):
-        block = _normalize(encode(taxonomy.labels[start : start + LABEL_BLOCK]))
-        if out is None:
-            out = np.lib.format.open_memmap(
-                tmp, mode="w+", dtype=np.float32, shape=(len(taxonomy.labels), block.shape[1])
-            )
-        out[start : start + len(block)] = block
-    assert out is not None
-    out.flush()
-    del out
-    os.replace(tmp, cache)
+    with atomic_path(cache) as tmp:
+        out = None
+        for start in range(0, len(taxonomy.labels), LABEL_BLOCK):
+            block = normalize(encode(taxonomy.labels[start : start + LABEL_BLOCK]))
+            if out is None:
+                out = np.lib.format.open_memmap(
+                    tmp, mode="w+", dtype=np.float32, shape=(len(taxonomy.labels), block.shape[1])
+                )
+            out[start : start + len(block)] = block
+        assert out is not None
+        out.flush()
+        del out
     return np.load(cache, mmap_mode="r")
-
-
-def _normalize(vectors: np.ndarray) -> np.ndarray:
-    vectors = np.asarray(vectors, dtype=np.float32)
-    return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
 
 def top_concepts(
@@ -132,7 +132,7 @@ def top_concepts(
     Keeping the best ``k * max_labels_per_concept`` labels per query is enough:
     those always include the best label of each of the k best concepts.
     """
-    queries = _normalize(queries)
+    queries = normalize(queries)
     keep = min(len(labels), k * max(1, max_labels_per_concept))
     best_scores = np.full((len(queries), 0), -np.inf, dtype=np.float32)
     best_labels = np.zeros((len(queries), 0), dtype=np.int64)
@@ -166,8 +166,7 @@ def write_matches(
     output: Path, queries: list[Any], ids: list[Any], matches: list[list[tuple[int, int, float]]], taxonomy: Taxonomy
 ) -> None:
     """CSV (one row per query and rank) or JSONL (one line per query), written atomically."""
-    tmp = output.with_name(f".{output.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8", newline="") as handle:
+    with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8", newline="") as handle:
         if output.suffix.lower() == ".jsonl":
             for row_id, query, found in zip(ids, queries, matches, strict=True):
                 hits = [
@@ -186,7 +185,6 @@ def write_matches(
             for row_id, query, found in zip(ids, queries, matches, strict=True):
                 for r, (c, label, s) in enumerate(found):
                     writer.writerow([row_id, query, r + 1, taxonomy.concept_ids[c], taxonomy.labels[label], f"{s:.6f}"])
-    os.replace(tmp, output)
 
 
 def run_match(
@@ -202,10 +200,10 @@ def run_match(
     alt_column: str | None = "alt_labels",
     concept_id_column: str = "concept_uri",
     on_bad_row: str = "error",
-    batch_size: int = 32,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     device: str = "auto",
     precision: str | None = None,
-    chunk_rows: int = 8192,
+    chunk_rows: int = CHUNK_ROWS,
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
 ) -> dict[str, Any]:
     """Match every query to its top-k taxonomy concepts; returns counts for the caller to report."""
@@ -218,6 +216,8 @@ def run_match(
         raise MatchError(f"{output}: write .csv or .jsonl")
     if top_k < 1:
         raise MatchError(f"--top-k must be positive; got {top_k}")
+    if on_bad_row not in MATCH_BAD_ROW_POLICIES:
+        raise MatchError(f"--on-bad-row must be one of {', '.join(MATCH_BAD_ROW_POLICIES)}; got {on_bad_row!r}")
     taxonomy = read_taxonomy(taxonomy_path, concept_id_column, label_column, alt_column)
     encoder = Encoder.load(model_dir, device=device, precision=precision)
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from jobbert_onnx.errors import missing_extra
+
 
 class ChunkEncoder:
     """A Ray Data actor: loads the export once, then encodes one chunk per call."""
@@ -38,6 +40,15 @@ class ChunkEncoder:
         return {"index": batch["index"], "rows": np.asarray(rows, dtype=np.int64), "vectors": payloads}
 
 
+def actor_placement(device: str, cluster_gpus: int) -> tuple[str, int]:
+    """The device each actor loads on, and the GPUs it reserves: ``auto`` takes a GPU where the
+    cluster has them; an explicit ``cpu`` stays on the CPU even there, and ``cuda``/``cuda:N``
+    reserve one GPU each (Ray shows each actor its own GPU as ``cuda``)."""
+    if device == "cpu" or (device == "auto" and cluster_gpus == 0):
+        return device, 0
+    return "cuda", 1
+
+
 def ray_encoder(
     model_dir: str,
     task: str,
@@ -52,13 +63,13 @@ def ray_encoder(
     try:
         import ray
     except ImportError as error:
-        raise ImportError("--ray needs Ray: pip install 'jobbert-onnx[ray]'") from error
+        raise missing_extra("--ray", "ray", error) from error
     if not ray.is_initialized():
         ray.init(address=address, log_to_driver=False, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     resources = ray.cluster_resources()
-    gpus = int(resources.get("GPU", 0))
-    pool = actors or max(1, gpus or int(resources.get("CPU", 1)) // 2)
+    actor_device, gpus_each = actor_placement(device, int(resources.get("GPU", 0)))
+    pool = actors or max(1, int(resources.get("GPU", 0)) if gpus_each else int(resources.get("CPU", 1)) // 2)
     in_flight = window or 2 * pool
     from jobbert_onnx.manifest import read_manifest
 
@@ -72,12 +83,12 @@ def ray_encoder(
                 "model_dir": model_dir,
                 "task": task,
                 "batch_size": batch_size,
-                "device": "cuda" if gpus else device,
+                "device": actor_device,
                 "precision": precision,
             },
             batch_size=1,
             concurrency=pool,
-            num_gpus=1 if gpus else 0,
+            num_gpus=gpus_each,
             batch_format="numpy",
         )
         rows = sorted(encoded.take_all(), key=lambda row: int(row["index"]))

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobbert_onnx.errors import JobbertOnnxError
+
 SUFFIXES = (".txt", ".csv", ".tsv", ".jsonl", ".parquet")
 
 
-class InputError(ValueError):
+class InputError(JobbertOnnxError, ValueError):
     """The input file cannot be read as asked."""
 
 

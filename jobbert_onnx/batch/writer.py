@@ -9,11 +9,12 @@ file at the output path is always a finished one.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from jobbert_onnx._files import atomic_path, write_json
 
 OUTPUT_SUFFIXES = (".parquet", ".npy")
 
@@ -22,30 +23,17 @@ def part_name(index: int, suffix: str) -> str:
     return f"part-{index:06d}{suffix}"
 
 
-def _atomic(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_part(folder: Path, index: int, suffix: str, ids: list[Any], texts: list[Any], vectors: np.ndarray) -> None:
     """Write one part: ids, texts and vectors of one chunk."""
-    target = folder / part_name(index, suffix)
-    tmp = _atomic(target)
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    with atomic_path(folder / part_name(index, suffix)) as tmp:
+        if suffix == ".parquet":
+            import pyarrow.parquet as pq
 
-        pq.write_table(_table(ids, texts, vectors), tmp)
-    else:
-        with open(tmp, "wb") as handle:
-            np.save(handle, vectors)
-        write_json(folder / part_name(index, ".ids.json"), ids)
-    os.replace(tmp, target)
-
-
-def write_json(path: Path, value: Any) -> None:
-    """Write JSON under a temporary name, then rename: a kill never leaves a half-written file."""
-    tmp = _atomic(path)
-    tmp.write_text(json.dumps(value, ensure_ascii=False))
-    os.replace(tmp, path)
+            pq.write_table(_table(ids, texts, vectors), tmp)
+        else:
+            with open(tmp, "wb") as handle:
+                np.save(handle, vectors)
+            write_json(folder / part_name(index, ".ids.json"), ids, indent=None)
 
 
 def _table(ids: list[Any], texts: list[Any], vectors: np.ndarray) -> Any:
@@ -65,15 +53,10 @@ def _table(ids: list[Any], texts: list[Any], vectors: np.ndarray) -> Any:
 
 def assemble(folder: Path, parts: int, suffix: str, output: Path) -> int:
     """Join parts 0..parts-1 into `output` (atomically); return the number of rows written."""
-    tmp = _atomic(output)
-    try:
-        rows = (
+    with atomic_path(output) as tmp:
+        return (
             _assemble_parquet(folder, parts, tmp) if suffix == ".parquet" else _assemble_npy(folder, parts, tmp, output)
         )
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return rows
 
 
 def _assemble_parquet(folder: Path, parts: int, tmp: Path) -> int:
@@ -110,13 +93,10 @@ def _assemble_npy(folder: Path, parts: int, tmp: Path, output: Path) -> int:
         at += array.shape[0]
     out.flush()
     del out
-    ids_path = ids_sidecar(output)
-    ids_tmp = _atomic(ids_path)
-    with open(ids_tmp, "w", encoding="utf-8") as handle:
+    with atomic_path(ids_sidecar(output)) as ids_tmp, open(ids_tmp, "w", encoding="utf-8") as handle:
         for index in range(parts):
             for row_id in json.loads((folder / part_name(index, ".ids.json")).read_text()):
                 handle.write(json.dumps(row_id, ensure_ascii=False) + "\n")
-    os.replace(ids_tmp, ids_path)
     return rows
 
 

@@ -25,10 +25,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jobbert_onnx.errors import SetupError, UsageError
 from jobbert_onnx.export.graph_edit import topological_sort
 from jobbert_onnx.export.hf import load_encoder
 from jobbert_onnx.export.quantize import Calibration, write_int8
-from jobbert_onnx.export.source import HeadSpec, ModelSpec, load_state
+from jobbert_onnx.export.source import HeadSpec, ModelSpec, UnsupportedModelError, load_state
 from jobbert_onnx.manifest import (
     ATTENTION_MASK,
     ATTENTION_MASKS,
@@ -112,13 +113,13 @@ def set_attention_mask(model: onnx.ModelProto, form: str) -> None:
     that would put a node on the CPU.
     """
     if form not in ATTENTION_MASKS:
-        raise ValueError(f"unknown attention mask form {form!r}; choose from: {', '.join(ATTENTION_MASKS)}")
+        raise UsageError(f"unknown attention mask form {form!r}; choose from: {', '.join(ATTENTION_MASKS)}")
     attention = [node for node in model.graph.node if node.op_type == "Attention"]
     lengths = {node.input[3] for node in attention if len(node.input) > 3}
     producers = {output: node for node in model.graph.node for output in node.output}
     source = producers.get(next(iter(lengths))) if len(lengths) == 1 else None
     if not attention or source is None or source.op_type != "ReduceSum":
-        raise ValueError(
+        raise SetupError(
             "the fused encoder's Attention nodes do not share one ReduceSum mask input; "
             "this onnxruntime's optimizer fuses differently: export with another onnxruntime version"
         )
@@ -180,7 +181,7 @@ def write_variant(
         quantized node types), ``attention_mask``, and for int8 ``quantization``.
     """
     if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
+        raise UsageError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
     form = attention_mask or DEFAULT_ATTENTION_MASK[precision]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -277,7 +278,7 @@ def write_head(path: Path, head: HeadSpec) -> None:
     expected = (head.out_features, head.in_features)
     if weight is None or bias is None or weight.shape != expected or bias.shape != (head.out_features,):
         found = {k: list(v.shape) for k, v in state.items()}
-        raise ValueError(
+        raise UnsupportedModelError(
             f"{head.weights} holds {found}; "
             f"expected linear.weight {list(expected)} and linear.bias [{head.out_features}]"
         )

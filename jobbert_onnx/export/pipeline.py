@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import shutil
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from jobbert_onnx import samples
+from jobbert_onnx._files import write_json
+from jobbert_onnx.errors import OutputExistsError, UsageError
 from jobbert_onnx.export import graphs
 from jobbert_onnx.export.quantize import Calibration
 from jobbert_onnx.export.reference import TorchReference
@@ -76,14 +77,14 @@ def _architecture(spec: ModelSpec) -> dict[str, Any]:
 
 def _prepare_output(output: Path, overwrite: bool) -> None:
     if output.exists() and not output.is_dir():
-        raise FileExistsError(f"{output} is a file; choose a folder for the export")
+        raise OutputExistsError(f"{output} is a file; choose a folder for the export")
     if output.exists() and any(output.iterdir()):
         if not overwrite:
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{output} exists and is not empty; choose another folder or pass overwrite=True (--overwrite)"
             )
         if not (output / MANIFEST_NAME).is_file():
-            raise FileExistsError(
+            raise OutputExistsError(
                 f"{output} is not a jobbert-onnx export; refusing to overwrite it, choose another folder"
             )
 
@@ -94,7 +95,7 @@ def parse_precisions(precision: str | Sequence[str]) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(name.strip().lower() for name in names if name.strip()))
     unknown = [name for name in chosen if name not in PRECISIONS]
     if unknown or not chosen:
-        raise ValueError(
+        raise UsageError(
             f"unknown precision {', '.join(unknown) or repr(precision)}; choose one or more of: {', '.join(PRECISIONS)}"
         )
     return chosen
@@ -146,7 +147,7 @@ def export_model(
     named = precision is not None
     precisions = parse_precisions(precision if precision is not None else DEFAULT_PRECISIONS)
     if attention_mask is not None and attention_mask not in graphs.ATTENTION_MASKS:
-        raise ValueError(
+        raise UsageError(
             f"unknown attention mask form {attention_mask!r}; choose from: {', '.join(graphs.ATTENTION_MASKS)}"
         )
     masks = {name: attention_mask or graphs.DEFAULT_ATTENTION_MASK[name] for name in precisions}
@@ -251,5 +252,4 @@ def _drop(
 
 
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    text = json.dumps(manifest, indent=2, ensure_ascii=False) + "\n"
-    (folder / MANIFEST_NAME).write_text(text, encoding="utf-8")
+    write_json(folder / MANIFEST_NAME, manifest)

@@ -42,6 +42,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jobbert_onnx.export.graph_edit import topological_sort
+from jobbert_onnx.vectors import row_cosines
 
 # Smoothing strengths tried (0.5 is SmoothQuant's default); each costs one quantization.
 ALPHAS = (0.5, 0.6, 0.7, 0.8)
@@ -108,7 +109,7 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
             onnx.save(model, str(staged))
             del model
             _quantize_products(staged, candidate)
-            cosines = _row_cosines(_pooled(candidate, calibration), reference)
+            cosines = row_cosines(_pooled(candidate, calibration), reference)
             score = (float(cosines.min()), float(cosines.mean()))
             tried[str(alpha)] = {"min_cosine": score[0], "mean_cosine": score[1]}
             if best is None or score > best:
@@ -143,11 +144,6 @@ def _pooled(encoder: Path, calibration: Calibration) -> np.ndarray:
         tokens = session.run(None, {"input_ids": input_ids, "attention_mask": mask})[0]
         pooled.append((tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True))
     return np.concatenate(pooled)
-
-
-def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    return (a64 * b64).sum(1) / np.maximum(np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1), 1e-30)
 
 
 def _products(model: onnx.ModelProto) -> list[onnx.NodeProto]:

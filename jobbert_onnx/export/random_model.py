@@ -11,9 +11,11 @@ accuracy.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
+
+from jobbert_onnx._files import write_json
+from jobbert_onnx.errors import UsageError
 
 LAYOUTS = ("router", "legacy-asym")
 SIZES = ("tiny", "full")
@@ -122,7 +124,7 @@ def _add_outliers(encoder: Any, generator: Any) -> list[int]:
 
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(path, data)
 
 
 def build_random_model(
@@ -143,9 +145,9 @@ def build_random_model(
         The folder.
     """
     if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
+        raise UsageError(f"unknown size {size!r}; choose one of: {', '.join(SIZES)}")
     if layout not in LAYOUTS:
-        raise ValueError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+        raise UsageError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     import torch
     from safetensors.torch import save_file
     from transformers import XLMRobertaConfig, XLMRobertaModel

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobbert_onnx.errors import JobbertOnnxError, SourceUnavailableError
 from jobbert_onnx.manifest import sha256_file
 
 ROUTES = ("anchor", "positive")
@@ -66,7 +67,7 @@ def load_state(path: Path) -> dict[str, Any]:
     return {name: tensor.float().numpy() for name, tensor in state.items()}
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(JobbertOnnxError, ValueError):
     """The source is not a JobBERT-v3-shaped sentence-transformers model."""
 
 
@@ -145,9 +146,24 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
             f"{source!r} is neither an existing folder nor a hub id of the form owner/name (e.g. TechWolf/JobBERT-v3)"
         )
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     patterns = [*_HUB_PATTERNS, "*.bin"] if allow_pickle else _HUB_PATTERNS
-    folder = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=patterns))
+    try:
+        folder = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=patterns))
+    except RevisionNotFoundError:
+        raise SourceUnavailableError(
+            f"{source} has no revision {revision!r}; pass a branch, tag or commit it has"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SourceUnavailableError(
+            f"{source} is not on the hub, or it is private or gated and no token is set (huggingface-cli login)"
+        ) from None
+    except LocalEntryNotFoundError:
+        raise SourceUnavailableError(
+            f"{source} is not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE is set, or "
+            "there is no network): run once with network access, or pass a local folder"
+        ) from None
     # Snapshot folders are named after the commit they hold.
     return folder, folder.name
 

@@ -7,10 +7,12 @@ from typing import Any
 
 import numpy as np
 
+from jobbert_onnx.errors import JobbertOnnxError
 from jobbert_onnx.export.reference import TorchReference
 from jobbert_onnx.manifest import POOLING_FILE, read_manifest
 from jobbert_onnx.runtime import Encoder
 from jobbert_onnx.runtime.sessions import resolve_device
+from jobbert_onnx.vectors import row_cosines
 
 # Cosine to the fp32 PyTorch vectors that every variant must reach, for both heads:
 # (lowest over the sample, mean over the sample).
@@ -22,17 +24,8 @@ FP16_ON_CPU = (
 )
 
 
-class ExportValidationError(RuntimeError):
+class ExportValidationError(JobbertOnnxError, RuntimeError):
     """The exported graphs do not reproduce the PyTorch model closely enough."""
-
-
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine between matching rows of two [n, d] arrays (1.0 for two zero rows)."""
-    a64, b64 = a.astype(np.float64), b.astype(np.float64)
-    dot = (a64 * b64).sum(1)
-    norms = np.linalg.norm(a64, axis=1) * np.linalg.norm(b64, axis=1)
-    both_zero = norms == 0
-    return np.where(both_zero, 1.0, dot / np.where(both_zero, 1.0, norms))
 
 
 def validate_export(folder: Path, reference: TorchReference, texts: list[str], device: str = "auto") -> dict[str, Any]:

@@ -14,6 +14,8 @@ from importlib import resources
 
 from tokenizers import Tokenizer
 
+from jobbert_onnx.errors import SetupError
+
 PACKAGED = "xlmr_tokenizer.json.xz"
 # sha256 of the decompressed file, as published with it (`_data/SOURCES.md`).
 SHA256 = "0b44a9d7b51c3c62626640cda0e2c2f70fdacdc25bbbd68038369d14ebdf4c39"
@@ -31,7 +33,7 @@ def xlmr_tokenizer_json() -> str:
     raw = lzma.decompress(packed)
     found = hashlib.sha256(raw).hexdigest()
     if found != SHA256:
-        raise RuntimeError(f"the shipped {PACKAGED} has sha256 {found}, not {SHA256}: reinstall jobbert-onnx")
+        raise SetupError(f"the shipped {PACKAGED} has sha256 {found}, not {SHA256}: reinstall jobbert-onnx")
     return raw.decode("utf-8")
 
 

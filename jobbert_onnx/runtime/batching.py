@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jobbert_onnx.errors import UsageError
+
 
 @dataclass(frozen=True)
 class BatchPlan:
@@ -32,7 +34,7 @@ def check_buckets(buckets: Sequence[int], max_seq_length: int) -> tuple[int, ...
     """Sorted, distinct bucket lengths, the last of them covering `max_seq_length`."""
     chosen = tuple(sorted({int(b) for b in buckets}))
     if not chosen or chosen[0] < 1 or any(isinstance(b, bool) for b in buckets):
-        raise ValueError(f"buckets must be positive sequence lengths, e.g. (16, 32, 64); got {list(buckets)}")
+        raise UsageError(f"buckets must be positive sequence lengths, e.g. (16, 32, 64); got {list(buckets)}")
     kept = tuple(b for b in chosen if b < max_seq_length)
     return (*kept, max_seq_length)
 

@@ -50,6 +50,7 @@ from jobbert_onnx.manifest import (
     SENTENCE_EMBEDDING,
     TOKEN_EMBEDDINGS,
     Manifest,
+    ManifestError,
     Variant,
     head_file,
 )
@@ -326,7 +327,7 @@ def _expect(stage: Stage, name: str, inputs: dict[str, type]) -> None:
     wanted_in = {key: _TYPES[np.dtype(dtype)] for key, dtype in inputs.items()}
     wanted_out = {stage.output: _TYPES[np.dtype(np.float32)]}
     if found_in != wanted_in or found_out != wanted_out:
-        raise ValueError(
+        raise ManifestError(
             f"{name} takes {found_in} and gives {found_out}; expected {wanted_in} -> {wanted_out}. "
             "The file is not from a compatible export: export the model again"
         )

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import logging
+from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
+from jobbert_onnx.cache import resolve_model
+from jobbert_onnx.errors import UsageError, WrongTypeError
 from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
 from jobbert_onnx.runtime.batching import BatchPlan, plan_batches
 from jobbert_onnx.runtime.chain import GraphChain
@@ -16,9 +20,30 @@ from jobbert_onnx.runtime.progress import Progress
 from jobbert_onnx.runtime.sessions import Device, choose_device
 from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer, Tokenized
 from jobbert_onnx.runtime.tuning import Tuning
+from jobbert_onnx.vectors import cosine_matrix, normalize
 
 # Texts tokenized together; batches are formed (longest first) within such a chunk.
 TOKENIZE_CHUNK = 8192
+# Texts per graph run unless the caller says otherwise (sentence-transformers' default too).
+DEFAULT_BATCH_SIZE = 32
+_Key = TypeVar("_Key", bound=Hashable)
+_LOGGER = logging.getLogger("jobbert_onnx")
+
+
+def _log(line: str) -> None:
+    """Export steps of a first load: the first line at WARNING, so that a load that takes
+    minutes says why even where logging is not set up; the rest at INFO."""
+    _LOGGER.log(logging.WARNING if line.startswith("exporting ") else logging.INFO, line)
+
+
+def distinct(items: list[_Key]) -> tuple[list[_Key], np.ndarray | None]:
+    """The distinct items in order of first appearance, and for every item the index of its
+    distinct one; None instead of the index when all are distinct (nothing to copy back)."""
+    index: dict[_Key, int] = {}
+    positions = np.fromiter((index.setdefault(item, len(index)) for item in items), dtype=np.intp, count=len(items))
+    if len(index) == len(items):
+        return items, None
+    return list(index), positions
 
 
 def check_texts(sentences: object) -> tuple[list[str], bool]:
@@ -33,10 +58,10 @@ def check_texts(sentences: object) -> tuple[list[str], bool]:
         return [sentences], True
     if not isinstance(sentences, (list, tuple)):
         hint = " (convert it with .tolist())" if type(sentences).__name__ == "ndarray" else ""
-        raise TypeError(f"sentences must be a str or a list of str; got {type(sentences).__name__}{hint}")
+        raise WrongTypeError(f"sentences must be a str or a list of str; got {type(sentences).__name__}{hint}")
     for index, item in enumerate(sentences):
         if not isinstance(item, str):
-            raise TypeError(f"sentences[{index}] is {type(item).__name__}, not str; every item must be a string")
+            raise WrongTypeError(f"sentences[{index}] is {type(item).__name__}, not str; every item must be a string")
         if not item.isascii():
             _check_unicode(item, index)
     return list(sentences), False
@@ -48,7 +73,7 @@ def _check_unicode(text: str, index: int) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as error:
-        raise ValueError(
+        raise UsageError(
             f"sentences[{index}] holds a lone surrogate {text[error.start]!r} at character {error.start}, "
             "which is not valid Unicode; decode the source with errors='replace' or fix it"
         ) from None
@@ -64,7 +89,10 @@ class Encoder:
         (2, 1024)
 
     `encode` is safe to call from several threads at once: onnxruntime sessions
-    allow concurrent runs, and every call binds its own inputs and outputs.
+    allow concurrent runs, and every thread keeps its own IO bindings and buffers
+    (`Tuning.reuse_buffers` caches them per thread and batch shape). With CUDA graphs
+    there is one set of buffers, since a captured graph replays fixed addresses, and
+    runs take turns under a lock.
     """
 
     def __init__(self, manifest: Manifest, chain: GraphChain) -> None:
@@ -78,18 +106,26 @@ class Encoder:
     @classmethod
     def load(
         cls,
-        path: str | Path,
+        source: str | Path,
         device: str = "auto",
         precision: str | None = None,
         threads: int | None = None,
         *,
         verify: bool = True,
         tuning: Tuning | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        allow_pickle: bool = False,
     ) -> Encoder:
-        """Load an export folder written by `jobbert-onnx export`.
+        """Load an export folder, or a model by hub id or sentence-transformers folder.
+
+        A hub id (``TechWolf/JobBERT-v3``) or a sentence-transformers folder is exported
+        once into a cache (which needs the ``[export]`` extra), and later loads reuse that
+        export after checking it against the model's weights; see `jobbert_onnx.cache`.
 
         Args:
-            path: The export folder.
+            source: An export folder written by `jobbert-onnx export`, a hub id, or a
+                sentence-transformers folder.
             device: ``"auto"`` (CUDA when it really loads, else the CPU, with a
                 warning), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
             precision: Encoder variant (``fp16``, ``fp32``, ``int8``); default: fp16 on
@@ -99,14 +135,24 @@ class Encoder:
                 (about a second per GB); False skips it for the fastest start-up.
             tuning: Batching and run options (`Tuning`); fields left at None, and a None
                 `tuning`, take the device's defaults.
+            revision: Branch, tag or commit, for a hub id.
+            cache_dir: Where exports of hub ids and folders are cached (default:
+                ``$JOBBERT_ONNX_CACHE``, ``$HF_HOME/jobbert-onnx``, ``$XDG_CACHE_HOME/jobbert-onnx``
+                or ``~/.cache/jobbert-onnx``).
+            allow_pickle: Let an export read ``pytorch_model.bin`` (only for trusted sources).
 
         Raises:
             ManifestError: The folder is not a complete export, lacks `precision`, or a file
                 does not match its sha256.
             DeviceError: ``device="cuda"`` and CUDA cannot be used here.
-            ValueError: A `tuning` value is out of range or does not fit the device.
+            UsageError: A `tuning` value is out of range or does not fit the device.
+            MissingExtraError: `source` needs exporting and the ``[export]`` extra is not installed.
+            SourceUnavailableError: Offline, with neither a cached export nor the model's files.
         """
-        manifest = read_manifest(path)
+        folder = resolve_model(
+            source, revision=revision, precision=precision, cache_dir=cache_dir, allow_pickle=allow_pickle, log=_log
+        ).folder
+        manifest = read_manifest(folder)
         resolved = choose_device(device, manifest.path(POOLING_FILE))
         variant = manifest.choose_variant(resolved.kind, precision)
         chosen = (tuning or Tuning()).resolve(resolved.kind, manifest.max_seq_length)
@@ -142,14 +188,14 @@ class Encoder:
         if task is None:
             return self.default_task
         if task not in self.tasks:
-            raise ValueError(f"unknown task {task!r}; this model has: {', '.join(self.tasks)}")
+            raise UsageError(f"unknown task {task!r}; this model has: {', '.join(self.tasks)}")
         return task
 
     def encode(
         self,
         sentences: str | Sequence[str],
         task: str | None = None,
-        batch_size: int = 32,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         show_progress_bar: bool | None = False,
         normalize_embeddings: bool = False,
         *,
@@ -194,32 +240,43 @@ class Encoder:
         route = self.resolve_task(task)
         _check_options(convert_to_numpy, convert_to_tensor, precision, output_value, device, self.device)
         if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}")
+            raise UsageError(f"batch_size must be a positive integer; got {batch_size!r}")
         if truncate_dim is not None and not 1 <= truncate_dim <= self.get_sentence_embedding_dimension():
-            raise ValueError(
+            raise UsageError(
                 f"truncate_dim must be in [1, {self.get_sentence_embedding_dimension()}]; got {truncate_dim}"
             )
         if prompt:
             texts = [prompt + text for text in texts]
 
-        progress = Progress(len(texts), bool(show_progress_bar))
-        out = self._run(self._batches(texts, batch_size), len(texts), route, progress)
+        unique, repeats = distinct(texts) if self.tuning.dedup else (texts, None)
+        progress = Progress(len(unique), bool(show_progress_bar))
+        out = self._run(self._batches(unique, batch_size), len(unique), route, progress)
+        if repeats is not None:
+            out = out[repeats]
 
         if truncate_dim is not None:
             out = np.ascontiguousarray(out[:, :truncate_dim])
         if normalize_embeddings:
-            norms = np.linalg.norm(out, axis=1, keepdims=True)
-            out /= np.maximum(norms, 1e-12)
+            out = normalize(out)
         return out[0] if single else out
 
-    def encode_tokenized(self, tokenized: Tokenized, task: str | None = None, batch_size: int = 32) -> np.ndarray:
+    def encode_tokenized(
+        self, tokenized: Tokenized, task: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+    ) -> np.ndarray:
         """Vectors [n, dim] of texts already tokenized by ``self.tokenizer.tokenize``.
 
         For callers that need the token counts first, as the server does to size its
         batches and to report usage; batches are planned exactly as in `encode`.
         """
         route = self.resolve_task(task)
-        return self._run(self._pad(tokenized, self._plans(tokenized, batch_size), 0), len(tokenized.ids), route)
+        repeats = None
+        if self.tuning.dedup:
+            keys, repeats = distinct([tuple(row) for row in tokenized.ids])
+            if repeats is not None:
+                first = np.unique(repeats, return_index=True)[1]
+                tokenized = Tokenized(ids=[list(key) for key in keys], lengths=tokenized.lengths[first])
+        out = self._run(self._pad(tokenized, self._plans(tokenized, batch_size), 0), len(tokenized.ids), route)
+        return out if repeats is None else out[repeats]
 
     def _run(
         self, batches: Iterator[tuple[np.ndarray, Batch]], count: int, route: str, progress: Progress | None = None
@@ -286,11 +343,7 @@ class Encoder:
     @staticmethod
     def similarity(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         """Cosine similarity matrix between two sets of vectors (JobBERT-v3's metric)."""
-        a2 = np.atleast_2d(np.asarray(a, dtype=np.float32))
-        b2 = np.atleast_2d(np.asarray(b, dtype=np.float32))
-        a2 = a2 / np.maximum(np.linalg.norm(a2, axis=1, keepdims=True), 1e-12)
-        b2 = b2 / np.maximum(np.linalg.norm(b2, axis=1, keepdims=True), 1e-12)
-        return a2 @ b2.T
+        return cosine_matrix(a, b)
 
     def __repr__(self) -> str:
         return (
@@ -308,12 +361,12 @@ def _check_options(
     loaded_on: Device,
 ) -> None:
     if convert_to_tensor or not convert_to_numpy:
-        raise ValueError("this runtime returns numpy arrays only; wrap the result with torch.from_numpy() if needed")
+        raise UsageError("this runtime returns numpy arrays only; wrap the result with torch.from_numpy() if needed")
     if precision != "float32":
-        raise ValueError(f"precision={precision!r} is not supported; only 'float32' vectors are returned")
+        raise UsageError(f"precision={precision!r} is not supported; only 'float32' vectors are returned")
     if output_value != "sentence_embedding":
-        raise ValueError(f"output_value={output_value!r} is not supported; only 'sentence_embedding' is returned")
+        raise UsageError(f"output_value={output_value!r} is not supported; only 'sentence_embedding' is returned")
     if device is not None and device != str(loaded_on) and not (device == "cuda" and loaded_on.kind == "cuda"):
-        raise ValueError(
+        raise UsageError(
             f"this Encoder runs on {loaded_on}; choose the device when loading: Encoder.load(path, device={device!r})"
         )

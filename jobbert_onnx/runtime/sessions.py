@@ -25,6 +25,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from jobbert_onnx.errors import SetupError, UsageError, WrongTypeError
+
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 _CUDA_FIX = (
@@ -39,7 +41,7 @@ REQUIRE_CUDA_ENV = "JOBBERT_ONNX_REQUIRE_CUDA"
 _CUDNN = "libcudnn.so.9"
 
 
-class DeviceError(RuntimeError):
+class DeviceError(SetupError):
     """The requested device cannot be used."""
 
 
@@ -72,7 +74,7 @@ class Device:
 def parse_device(device: str) -> tuple[str, int]:
     """Split ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` into kind and index."""
     if not isinstance(device, str):
-        raise TypeError(
+        raise WrongTypeError(
             f"device must be a string such as 'auto', 'cuda', 'cuda:1' or 'cpu'; got {type(device).__name__}"
         )
     name = device.strip().lower()
@@ -80,7 +82,7 @@ def parse_device(device: str) -> tuple[str, int]:
         return name, 0
     if name.startswith("cuda:") and name[5:].isdigit():
         return "cuda", int(name[5:])
-    raise ValueError(f"unknown device {device!r}; use 'auto', 'cuda', 'cuda:N' or 'cpu'")
+    raise UsageError(f"unknown device {device!r}; use 'auto', 'cuda', 'cuda:N' or 'cpu'")
 
 
 def _cuda_blocker() -> str | None:

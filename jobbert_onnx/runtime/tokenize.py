@@ -2,8 +2,9 @@
 
 Texts are tokenized once without padding, so their lengths are known before
 batching; each batch is then padded on the right to the width its plan gives
-(`batching.plan_batches`: its longest row, or its length bucket on CUDA), and
-to the plan's height with filler rows.
+(`batching.plan_batches`: its longest row, or the top of its length bucket where
+`Tuning.pad_to_bucket` is on, the CUDA default), and to the plan's height with
+filler rows (only CUDA graphs round the height up).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+from jobbert_onnx.manifest import ManifestError
 
 
 @dataclass(frozen=True)
@@ -39,13 +42,13 @@ class TextTokenizer:
         truncation = tokenizer.truncation
         if not truncation or truncation.get("max_length") != max_seq_length:
             found = truncation.get("max_length") if truncation else None
-            raise ValueError(
+            raise ManifestError(
                 f"{path} truncates at {found} tokens but the model takes {max_seq_length}; export the model again"
             )
         padding = tokenizer.padding
         pad_id = padding["pad_id"] if padding else tokenizer.token_to_id("<pad>")
         if pad_id is None:
-            raise ValueError(f"{path} sets no padding and has no <pad> token; export the model again")
+            raise ManifestError(f"{path} sets no padding and has no <pad> token; export the model again")
         self.pad_id = int(pad_id)
         tokenizer.no_padding()
         self._tokenizer = tokenizer

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 
+from jobbert_onnx.errors import UsageError
 from jobbert_onnx.runtime.batching import check_buckets
 
 # Length buckets: batches never cross one. On CUDA batches are also padded to their
@@ -43,6 +44,10 @@ class Tuning:
         cuda_graphs: Capture one CUDA graph per batch shape and replay it (CUDA only). Batch
             rows are rounded up to a power of two, so few shapes arise; at most `MAX_CUDA_GRAPHS`
             shapes are captured. Default: off.
+        dedup: Encode each distinct text of a call once and copy its vector to the repeats
+            (`encode` compares the texts, `encode_tokenized` the token ids); the vectors are the
+            same either way. Default: on (HR data repeats itself; on all-distinct input the
+            check costs well under 1%, benchmarks/RESULTS.md).
         spinning: Let onnxruntime's idle threads spin for work. Default: off (spinning threads
             of one chained session slow the next one down; benchmarks/RESULTS.md).
         shrink_above_tokens: A batch of more padded tokens runs with buffers the sessions
@@ -60,31 +65,32 @@ class Tuning:
     cuda_graphs: bool | None = None
     spinning: bool | None = None
     shrink_above_tokens: int | None = None
+    dedup: bool | None = None
 
     def resolve(self, device_kind: str, max_seq_length: int) -> Tuning:
         """A copy with every default filled in for ``cpu`` or ``cuda``, checked.
 
         Raises:
-            ValueError: A value is out of range, or options contradict each other
+            UsageError: A value is out of range, or options contradict each other
                 (CUDA graphs on the CPU, or without buckets); the message names the fix.
         """
         on_cuda = device_kind == "cuda"
         cuda_graphs = bool(self.cuda_graphs)
         if cuda_graphs and not on_cuda:
-            raise ValueError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
+            raise UsageError("cuda_graphs=True needs device='cuda'; CUDA graphs do not exist on the CPU")
         buckets = self.buckets
         if buckets is None:
             buckets = CUDA_BUCKETS if on_cuda else CPU_BUCKETS
         if not isinstance(buckets, Sequence) or isinstance(buckets, str):
-            raise ValueError(f"buckets must be a list of lengths, () for none, or None for the default: {buckets!r}")
+            raise UsageError(f"buckets must be a list of lengths, () for none, or None for the default: {buckets!r}")
         buckets = check_buckets(buckets, max_seq_length) if buckets else ()
         if cuda_graphs and not buckets:
-            raise ValueError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets at None")
+            raise UsageError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets at None")
         for name, least in (("token_budget", 1), ("shrink_above_tokens", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 what = "a positive integer" if least else "a positive integer (0: never)"
-                raise ValueError(f"{name} must be {what} or None for the default; got {value!r}")
+                raise UsageError(f"{name} must be {what} or None for the default; got {value!r}")
         return replace(
             self,
             buckets=buckets,
@@ -94,6 +100,7 @@ class Tuning:
             cuda_graphs=cuda_graphs,
             spinning=bool(self.spinning),
             shrink_above_tokens=SHRINK_ABOVE_TOKENS if self.shrink_above_tokens is None else self.shrink_above_tokens,
+            dedup=True if self.dedup is None else bool(self.dedup),
         )
 
     @classmethod
@@ -102,7 +109,7 @@ class Tuning:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise ValueError(f"unknown tuning option {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise UsageError(f"unknown tuning option {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         values = dict(options)
         if isinstance(values.get("buckets"), list):
             values["buckets"] = tuple(values["buckets"])  # type: ignore[arg-type]

@@ -71,7 +71,7 @@ def parse_request(
     max_inputs: int,
     max_chars: int,
 ) -> EmbeddingRequest:
-    """Check a request body; texts longer than `max_chars` are cut (the model reads 64 tokens).
+    """Check a request body; texts longer than `max_chars` are cut (the model reads its first max_seq_length tokens).
 
     Raises:
         ApiError: 400 for malformed JSON or a wrong field, 404 for a model this server does not serve.

@@ -26,7 +26,7 @@ from jobbert_onnx.serve.api import ApiError, parse_request, response_body
 from jobbert_onnx.serve.config import ServeConfig
 from jobbert_onnx.serve.metrics import CONTENT_TYPE, Metrics
 from jobbert_onnx.serve.openapi import openapi
-from jobbert_onnx.serve.queue import BatchQueue, QueueFull, encoding_thread
+from jobbert_onnx.serve.queue import BatchQueue, QueueFull, VectorCache, encoding_thread
 
 log = logging.getLogger("jobbert_onnx.serve")
 
@@ -38,13 +38,18 @@ class _Server:
         self.encoder = encoder
         self.config = config
         self.encode_thread = encode_thread
-        self.metrics = Metrics()
+        self.metrics = Metrics(encoder.max_seq_length)
         self.ready = False
         self._warmed = warmed
         self.queue: BatchQueue | None = None
         self._api_key = config.api_key.encode() if config.api_key else None
         self._spec = orjson.dumps(
-            openapi(config.served_model_name, encoder.get_sentence_embedding_dimension(), config.max_inputs)
+            openapi(
+                config.served_model_name,
+                encoder.get_sentence_embedding_dimension(),
+                config.max_inputs,
+                encoder.max_seq_length,
+            )
         )
 
     # -- routes ------------------------------------------------------------
@@ -161,6 +166,8 @@ class _Server:
             on_batch=self.metrics.observe_batch,
             on_depth=self.metrics.queue_texts.set,
             encode_thread=self.encode_thread,
+            cache=VectorCache(config.cache_size) if config.cache_size else None,
+            on_cache=self.metrics.observe_cache,
         )
         self.queue.start()
         warming = asyncio.get_running_loop().create_task(self._warm_up(), name="warm-up")
@@ -197,7 +204,8 @@ def warm_up(encoder: Encoder, max_rows: int) -> None:
         for length in lengths:
             row = [*long[: length - 1], long[-1]]
             for rows in sorted(heights):
-                ids = [row] * rows
+                # distinct rows (one token differs), or the encoder's dedup would run just one
+                ids = [[row[0], 5 + n, *row[2:]] if len(row) > 2 else row for n in range(rows)]
                 tokenized = Tokenized(ids=ids, lengths=np.full(rows, len(row), dtype=np.int64))
                 encoder.encode_tokenized(tokenized, route, max_rows)
 

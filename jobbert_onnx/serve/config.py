@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from jobbert_onnx.errors import UsageError
+
 # Header and environment variable for the API key (the flag wins over the variable).
 API_KEY_ENV = "JOBBERT_ONNX_API_KEY"
 
@@ -27,10 +29,11 @@ class ServeConfig:
         max_wait_ms: How long a batch waits for more requests before it runs.
         max_inputs: Most texts in one request.
         max_chars: Longer texts are cut to this many characters before tokenizing
-            (they are truncated to the model's 64 tokens anyway).
+            (the model reads only its first max_seq_length tokens anyway).
         max_body_bytes: Larger request bodies get 413.
         max_queue_texts: Texts admitted and not yet answered; beyond it, 503 with Retry-After.
         body_timeout_s: A request body that takes longer to arrive gets 408.
+        cache_size: Vectors kept in an LRU cache keyed by (task, token ids); 0 turns it off.
         log_texts: Log request texts (off: only counts are logged).
         verify: Check the sha256 of the model files at start-up.
     """
@@ -52,11 +55,12 @@ class ServeConfig:
     max_body_bytes: int = 16 * 1024 * 1024
     max_queue_texts: int = 8192
     body_timeout_s: float = 30.0
+    cache_size: int = 0
     log_texts: bool = False
     verify: bool = True
 
     def check(self) -> ServeConfig:
-        """Return self, or raise ValueError naming the setting to fix."""
+        """Return self, or raise UsageError naming the setting to fix."""
         positive = {
             "workers": self.workers,
             "max_batch_texts": self.max_batch_texts,
@@ -68,22 +72,32 @@ class ServeConfig:
         }
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
+                raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
         if not 0 <= self.port <= 65535:
-            raise ValueError(f"--port must be in [0, 65535]; got {self.port}")
+            raise UsageError(f"--port must be in [0, 65535]; got {self.port}")
         if self.max_wait_ms < 0 or self.body_timeout_s <= 0:
-            raise ValueError("--max-wait-ms must be >= 0 and --body-timeout-s > 0")
+            raise UsageError("--max-wait-ms must be >= 0 and --body-timeout-s > 0")
         if self.max_queue_texts < self.max_inputs:
-            raise ValueError(
+            raise UsageError(
                 f"--max-queue-texts ({self.max_queue_texts}) must be at least --max-inputs ({self.max_inputs}), "
                 "or a full-size request could never be admitted"
             )
-        if self.max_batch_tokens < 64:
-            raise ValueError(f"--max-batch-tokens must hold one 64-token text; got {self.max_batch_tokens}")
+        if self.cache_size < 0:
+            raise UsageError(f"--cache-size must be 0 (no cache) or more; got {self.cache_size}")
         if not self.devices:
-            raise ValueError("--device needs at least one device")
+            raise UsageError("--device needs at least one device")
         if self.api_key is not None and not self.api_key.strip():
-            raise ValueError(f"the API key is empty; pass a real key or unset {API_KEY_ENV}")
+            raise UsageError(f"the API key is empty; pass a real key or unset {API_KEY_ENV}")
+        return self
+
+    def check_model(self, max_seq_length: int) -> ServeConfig:
+        """Return self, or raise UsageError where a limit cannot hold one text of the model's
+        `max_seq_length` (from its manifest)."""
+        if self.max_batch_tokens < max_seq_length:
+            raise UsageError(
+                f"--max-batch-tokens must hold one {max_seq_length}-token text (this model's max_seq_length); "
+                f"got {self.max_batch_tokens}"
+            )
         return self
 
     def for_worker(self, device: str, threads: int | None) -> ServeConfig:

@@ -27,7 +27,7 @@ def _multiprocess() -> bool:
 class Metrics:
     """The server's counters, histograms and gauges."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_seq_length: int) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "jobbert_requests",
@@ -55,13 +55,19 @@ class Metrics:
         )
         self.tokens = Counter(
             "jobbert_tokens",
-            "Tokens run through the encoder (after truncation to the model's 64).",
+            f"Tokens run through the encoder (after truncation to the model's {max_seq_length}).",
             registry=self.registry,
         )
         self.texts = Counter(
             "jobbert_texts",
             "Texts embedded, by head.",
             ["input_type"],
+            registry=self.registry,
+        )
+        self.cache = Counter(
+            "jobbert_cache_lookups",
+            "Texts looked up in the vector cache (--cache-size), by result: hit or miss.",
+            ["result"],
             registry=self.registry,
         )
         self.ready = Gauge(
@@ -77,6 +83,10 @@ class Metrics:
     def observe_batch(self, texts: int, tokens: int) -> None:
         self.batch_texts.observe(texts)
         self.tokens.inc(tokens)
+
+    def observe_cache(self, hits: int, misses: int) -> None:
+        self.cache.labels("hit").inc(hits)
+        self.cache.labels("miss").inc(misses)
 
     def render(self) -> bytes:
         if _multiprocess():

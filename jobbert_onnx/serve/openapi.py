@@ -14,7 +14,7 @@ def _error(description: str) -> dict[str, Any]:
     }
 
 
-def openapi(model: str, dimensions: int, max_inputs: int) -> dict[str, Any]:
+def openapi(model: str, dimensions: int, max_inputs: int, max_seq_length: int) -> dict[str, Any]:
     embedding_request = {
         "type": "object",
         "required": ["input"],
@@ -25,7 +25,7 @@ def openapi(model: str, dimensions: int, max_inputs: int) -> dict[str, Any]:
                     {"type": "string"},
                     {"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": max_inputs},
                 ],
-                "description": "A text, or a list of texts (each truncated to the model's 64 tokens).",
+                "description": f"A text, or a list of texts (each truncated to the model's {max_seq_length} tokens).",
             },
             # optional fields may also be null (clients that serialize None): the default applies
             "model": {"type": ["string", "null"], "enum": [model, None]},

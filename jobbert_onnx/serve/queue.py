@@ -9,7 +9,9 @@ waiting texts of that head (whole requests or parts of large ones) up to
 and runs it on the encoder in a thread while new requests queue up.
 
 A text's vector does not depend on its batch beyond floating-point rounding:
-padding is masked, and the encoder plans buckets as `Encoder.encode` does.
+padding is masked, and the encoder plans buckets as `Encoder.encode` does. Texts
+that tokenize alike are encoded once per device batch (the encoder's dedup), and
+with a `VectorCache` a text seen before is answered without queueing at all.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -68,9 +70,35 @@ class _Slice:
     stop: int
 
 
-# Observer hooks (metrics): batch size in texts, and queue depth in texts.
+# Observer hooks (metrics): batch size in texts, and queue depth in texts; cache hits and misses.
 BatchObserver = Callable[[int, int], None]
 DepthObserver = Callable[[int], None]
+CacheObserver = Callable[[int, int], None]
+_CacheKey = tuple[str, tuple[int, ...]]
+
+
+class VectorCache:
+    """A bounded LRU of vectors keyed by (head, token ids): texts the model reads alike share
+    an entry. Used from the event loop's thread only."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._vectors: OrderedDict[_CacheKey, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._vectors)
+
+    def get(self, key: _CacheKey) -> np.ndarray | None:
+        vector = self._vectors.get(key)
+        if vector is not None:
+            self._vectors.move_to_end(key)
+        return vector
+
+    def put(self, key: _CacheKey, vector: np.ndarray) -> None:
+        self._vectors[key] = vector
+        self._vectors.move_to_end(key)
+        while len(self._vectors) > self.size:
+            self._vectors.popitem(last=False)
 
 
 def encoding_thread() -> ThreadPoolExecutor:
@@ -92,9 +120,13 @@ class BatchQueue:
         on_batch: BatchObserver | None = None,
         on_depth: DepthObserver | None = None,
         encode_thread: ThreadPoolExecutor | None = None,
+        cache: VectorCache | None = None,
+        on_cache: CacheObserver | None = None,
     ) -> None:
         """`encode_thread`: the one thread that runs the encoder (per-thread buffers and CUDA
-        graphs live there, so whoever warms the encoder up must use it too); default: a new one."""
+        graphs live there, so whoever warms the encoder up must use it too); default: a new one.
+        `cache`: vectors of texts seen before, answered without queueing; `on_cache` hears
+        (hits, misses) per request."""
         self.encoder = encoder
         self.max_texts = max_texts
         self.max_tokens = max_tokens
@@ -109,6 +141,8 @@ class BatchQueue:
         self._run_pool = encode_thread or encoding_thread()
         self._loop_task: asyncio.Task[None] | None = None
         self._texts_per_second = 0.0
+        self._cache = cache
+        self._on_cache = on_cache or (lambda hits, misses: None)
 
     @property
     def queued(self) -> int:
@@ -145,17 +179,41 @@ class BatchQueue:
         try:
             loop = asyncio.get_running_loop()
             tokenized = await loop.run_in_executor(self._tokenize_pool, self.encoder.tokenizer.tokenize, texts)
-            request = _Request(
-                route=route,
-                tokenized=tokenized,
-                future=loop.create_future(),
-                vectors=np.empty((len(texts), self.encoder.get_sentence_embedding_dimension()), dtype=np.float32),
-            )
-            self._waiting.append(request)
-            self._arrival.set()
-            return await request.future
+            if self._cache is None:
+                return await self._enqueue(tokenized, route)
+            return await self._through_cache(self._cache, tokenized, route)
         finally:
             self._admit(-len(texts))
+
+    async def _enqueue(self, tokenized: Tokenized, route: str) -> Embedded:
+        request = _Request(
+            route=route,
+            tokenized=tokenized,
+            future=asyncio.get_running_loop().create_future(),
+            vectors=np.empty((len(tokenized.ids), self.encoder.get_sentence_embedding_dimension()), dtype=np.float32),
+        )
+        self._waiting.append(request)
+        self._arrival.set()
+        return await request.future
+
+    async def _through_cache(self, cache: VectorCache, tokenized: Tokenized, route: str) -> Embedded:
+        """Vectors from the cache where it has them; the rest queued, then cached."""
+        keys = [(route, tuple(row)) for row in tokenized.ids]
+        found = [cache.get(key) for key in keys]
+        missing = [row for row, vector in enumerate(found) if vector is None]
+        self._on_cache(len(keys) - len(missing), len(missing))
+        tokens = int(tokenized.lengths.sum())
+        vectors = np.empty((len(keys), self.encoder.get_sentence_embedding_dimension()), dtype=np.float32)
+        if missing:
+            rest = Tokenized(ids=[tokenized.ids[row] for row in missing], lengths=tokenized.lengths[missing])
+            encoded = (await self._enqueue(rest, route)).vectors
+            vectors[missing] = encoded
+            for at, row in enumerate(missing):
+                cache.put(keys[row], encoded[at].copy())
+        for row, vector in enumerate(found):
+            if vector is not None:
+                vectors[row] = vector
+        return Embedded(vectors=vectors, tokens=tokens)
 
     def _admit(self, texts: int) -> None:
         self._queued += texts

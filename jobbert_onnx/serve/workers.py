@@ -21,6 +21,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from jobbert_onnx.errors import SetupError
+from jobbert_onnx.manifest import read_manifest
 from jobbert_onnx.serve.config import ServeConfig
 
 log = logging.getLogger("jobbert_onnx.serve")
@@ -46,7 +48,7 @@ def bind(host: str, port: int, reuse_port: bool = False, listen: bool = True) ->
         sock.bind((host, port))
     except OSError as error:
         sock.close()
-        raise RuntimeError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port") from None
+        raise SetupError(f"cannot listen on {host}:{port} ({error.strerror}); choose another --port") from None
     if listen:
         sock.listen(2048)
     sock.set_inheritable(False)
@@ -55,7 +57,7 @@ def bind(host: str, port: int, reuse_port: bool = False, listen: bool = True) ->
 
 def serve(config: ServeConfig) -> int:
     """Serve until SIGTERM/SIGINT; return the exit status (0 after a graceful stop)."""
-    config.check()
+    config.check().check_model(read_manifest(config.model_dir).max_seq_length)
     plan = [device for device in config.devices for _ in range(config.workers)]
     if len(plan) == 1:
         sock = bind(config.host, config.port)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import random
 import statistics
@@ -25,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.gpu_probe import cpu_name
 from jobbert_onnx import Tuning, samples
 from jobbert_onnx.batch.embed import CHUNK_ROWS, EmbedJob, local_encoder, run_embed
 from jobbert_onnx.runtime.encoder import distinct
@@ -103,21 +105,8 @@ def run(export: Path, rows: int, exponent: float, repeats: int, precision: str |
         "zipf_speedup": median["zipf off"] / median["zipf on"],
         "all_distinct_overhead": median["distinct on"] / median["distinct off"] - 1,
         "dedup_step": _dedup_step_share(export, all_distinct, precision),
-        "machine": {"cpu": _cpu(), "cores": _cores(), "python": platform.python_version()},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "python": platform.python_version()},
     }
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
-def _cores() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -55,7 +55,7 @@ def env() -> dict[str, Any]:
 
     facts: dict[str, Any] = {
         "python": platform.python_version(),
-        "cpu": _cpu(),
+        "cpu": cpu_name(),
         "cores": os.cpu_count(),
         "onnxruntime": ort.__version__,
         "onnxruntime_file": ort.__file__,
@@ -91,7 +91,8 @@ def env() -> dict[str, Any]:
     return facts
 
 
-def _cpu() -> str:
+def cpu_name() -> str:
+    """The CPU model, from /proc/cpuinfo where there is one."""
     for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()

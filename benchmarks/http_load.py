@@ -32,6 +32,7 @@ import onnxruntime as ort
 import orjson
 
 from benchmarks import peers, workloads
+from benchmarks.gpu_probe import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_DONE = """
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": " ".join(["python -m benchmarks.http_load", *(argv if argv is not None else sys.argv[1:])]),
         "environment": {
-            "cpu": _cpu(),
+            "cpu": cpu_name(),
             "cores": os.cpu_count(),
             "python": platform.python_version(),
             "onnxruntime": ort.__version__,
@@ -220,13 +221,6 @@ def main(argv: list[str] | None = None) -> int:
     (args.out / "load-cpu.md").write_text(_markdown(report))
     print(_markdown(report))
     return 0
-
-
-def _cpu() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def _markdown(report: dict[str, Any]) -> str:

@@ -172,18 +172,23 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
 
         try:
             return str(HfApi().model_info(repo_id, revision=revision).sha)
-        except RevisionNotFoundError:
-            raise SourceUnavailableError(
-                f"{repo_id} has no revision {revision!r}; pass a branch, tag or commit it has"
-            ) from None
-        except RepositoryNotFoundError:
-            raise SourceUnavailableError(
-                f"{repo_id} is not on the hub, or it is private or gated and no token is set (huggingface-cli login)"
-            ) from None
+        except (RevisionNotFoundError, RepositoryNotFoundError) as error:
+            raise hub_unavailable(repo_id, revision, error) from None
         except Exception:  # no network: fall back to what the local hub cache knows, as huggingface_hub does
             pass
     ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
     return ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
+
+
+def hub_unavailable(repo_id: str, revision: str | None, error: Exception) -> SourceUnavailableError:
+    """The error for a hub repository or revision that cannot be had, naming what to do."""
+    from huggingface_hub.errors import RevisionNotFoundError
+
+    if isinstance(error, RevisionNotFoundError):
+        return SourceUnavailableError(f"{repo_id} has no revision {revision!r}; pass a branch, tag or commit it has")
+    return SourceUnavailableError(
+        f"{repo_id} is not on the hub, or it is private or gated and no token is set (huggingface-cli login)"
+    )
 
 
 def _from_pointer(pointer: Path, source: str, revision: str | None) -> Resolved:

@@ -9,17 +9,16 @@ with an error that says what was found.
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobbert_onnx.cache import HUB_ID, hub_unavailable
 from jobbert_onnx.errors import JobbertOnnxError, SourceUnavailableError
 from jobbert_onnx.manifest import sha256_file
 
 ROUTES = ("anchor", "positive")
 TANH = "torch.nn.modules.activation.Tanh"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"
 _ROUTER_TYPES = {
@@ -141,7 +140,7 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
         if revision is not None:
             raise UnsupportedModelError(f"--revision applies to hub ids only; {source} is a local folder")
         return path.resolve(), None
-    if not _HUB_ID.match(source):
+    if not HUB_ID.match(source):
         raise UnsupportedModelError(
             f"{source!r} is neither an existing folder nor a hub id of the form owner/name (e.g. TechWolf/JobBERT-v3)"
         )
@@ -151,14 +150,8 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
     patterns = [*_HUB_PATTERNS, "*.bin"] if allow_pickle else _HUB_PATTERNS
     try:
         folder = Path(snapshot_download(repo_id=source, revision=revision, allow_patterns=patterns))
-    except RevisionNotFoundError:
-        raise SourceUnavailableError(
-            f"{source} has no revision {revision!r}; pass a branch, tag or commit it has"
-        ) from None
-    except RepositoryNotFoundError:
-        raise SourceUnavailableError(
-            f"{source} is not on the hub, or it is private or gated and no token is set (huggingface-cli login)"
-        ) from None
+    except (RevisionNotFoundError, RepositoryNotFoundError) as error:
+        raise hub_unavailable(source, revision, error) from None
     except LocalEntryNotFoundError:
         raise SourceUnavailableError(
             f"{source} is not in the local hub cache and the hub cannot be reached (HF_HUB_OFFLINE is set, or "

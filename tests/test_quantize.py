@@ -99,12 +99,21 @@ def test_the_manifest_records_how_int8_was_made(outlier_export: tuple[Path, Path
 
 
 @pytest.mark.fullsize
-def test_full_size_outlier_replica_passes_the_int8_gate(tmp_path: Path) -> None:
-    """The full-size replica with outliers, exported with the default precisions: int8 survives its gate."""
+def test_full_size_outlier_replica_int8_tail_is_caught_by_the_gate(tmp_path: Path) -> None:
+    """The full-size replica with outliers, exported with the default precisions.
+
+    Its int8 is faithful on average but about one title in a hundred falls below 0.98
+    (benchmarks/RESULTS.md). The validation sample is large enough to hold such titles,
+    so int8 misses its gate and is left out with a warning that names the CPU remedy,
+    and the manifest keeps what was tried; fp16 stays.
+    """
     model = rm.build_random_model(tmp_path / "model", size="full", seed=0, outliers=True)
-    manifest = export_model(str(model), tmp_path / "export", validate_device="cpu", log=_quiet)
-    assert "dropped" not in manifest, manifest.get("dropped")
-    for route, figures in manifest["variants"]["int8"]["validation"]["heads"].items():
-        assert figures["min_cosine"] >= 0.98 and figures["mean_cosine"] >= 0.995, (route, figures)
-    tried = manifest["variants"]["int8"]["quantization"]["smoothing"]["tried"]
+    with pytest.warns(UserWarning, match=r"int8 variant is left out.*export fp32 as well"):
+        manifest = export_model(str(model), tmp_path / "export", validate_device="cpu", log=_quiet)
+    assert list(manifest["variants"]) == ["fp16"] and manifest["validation"]["passed"]
+    dropped = manifest["dropped"]["int8"]
+    for route, figures in dropped["validation"]["heads"].items():
+        assert figures["min_cosine"] < 0.98 <= figures["mean_cosine"], (route, figures)
+    assert "min cosine" in dropped["reason"]
+    tried = dropped["quantization"]["smoothing"]["tried"]
     assert min(t["min_cosine"] for t in tried.values()) < 0.9, "some alpha fails on this replica: the choice matters"

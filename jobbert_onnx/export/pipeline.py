@@ -238,15 +238,20 @@ def _drop(
     manifest["dropped"] = {}
     for name in failed:
         reason = describe_failure(figures, only=name)
+        cpu = ""
+        if name == "int8" and "fp32" not in manifest["variants"]:
+            cpu = " For the CPU, export fp32 as well (--precision fp16,fp32): the CPU runs fp16 through casts."
         message = (
             f"the {name} variant is left out of this export: it misses its gate ({reason}). "
-            f"Ask for it by name (--precision {name}) to make that an error instead"
+            f"Ask for it by name (--precision {name}) to make that an error instead.{cpu}"
         )
         log(f"WARNING: {message}")
         warnings.warn(message, UserWarning, stacklevel=3)
         (work / encoder_file(name)).unlink()
         del manifest["files"][encoder_file(name)]
-        manifest["dropped"][name] = {"reason": reason, "validation": manifest["variants"].pop(name)["validation"]}
+        variant = manifest["variants"].pop(name)
+        del variant["file"]
+        manifest["dropped"][name] = {"reason": reason, **variant}
         del figures["variants"][name]
     figures["passed"] = figures["token_ids_match"] and all(v["passed"] for v in figures["variants"].values())
 

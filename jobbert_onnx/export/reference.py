@@ -36,9 +36,15 @@ class TorchReference:
 
     def encode(self, texts: list[str], route: str, batch_size: int = 16) -> np.ndarray:
         """float32 vectors [n, dim] for one head."""
+        return self.encode_heads(texts, (route,), batch_size)[route]
+
+    def encode_heads(
+        self, texts: list[str], routes: tuple[str, ...] | None = None, batch_size: int = 16
+    ) -> dict[str, np.ndarray]:
+        """float32 vectors [n, dim] for each head in `routes` (default: all), the encoder run once."""
         torch = self._torch
-        weight, bias = self.heads[route]
-        out = []
+        chosen = tuple(self.heads) if routes is None else routes
+        out: dict[str, list[np.ndarray]] = {route: [] for route in chosen}
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
                 chunk = texts[start : start + batch_size]
@@ -52,5 +58,7 @@ class TorchReference:
                 hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                out.append(torch.tanh(pooled @ weight.T + bias).numpy())
-        return np.concatenate(out).astype(np.float32)
+                for route in chosen:
+                    weight, bias = self.heads[route]
+                    out[route].append(torch.tanh(pooled @ weight.T + bias).numpy())
+        return {route: np.concatenate(vectors).astype(np.float32) for route, vectors in out.items()}

@@ -47,7 +47,7 @@ def validate_export(folder: Path, reference: TorchReference, texts: list[str], d
     """
     manifest = read_manifest(folder)
     resolved, fallback = resolve_device(device, folder / POOLING_FILE)
-    expected = {route: reference.encode(texts, route) for route in manifest.routes}
+    expected = reference.encode_heads(texts, tuple(manifest.routes))
     figures: dict[str, Any] = {"texts": len(texts), "variants": {}}
     if fallback is not None:
         figures["cuda_unusable"] = fallback

@@ -106,3 +106,17 @@ def test_int4_encoder_runs_in_onnxruntime_close_to_fp32(tiny_exports: dict, tmp_
     real = feed["attention_mask"] == 1
     cosines = row_cosines(outputs[1][real], outputs[0][real])
     assert cosines.min() > 0.9, cosines.min()
+
+
+def test_graph_ab_times_each_graph_on_each_shape(tiny_exports: dict, tmp_path: Path) -> None:
+    from benchmarks import graph_ab
+    from jobbert_onnx.manifest import encoder_file
+
+    export = tiny_exports[("router", "int8")]
+    graphs = [f"{p}={export / encoder_file(p)}" for p in ("fp32", "int8")]
+    assert graph_ab.main([*graphs, "--shapes", "2x5,1x3", "--out", str(tmp_path)]) == 0
+    record = json.loads((tmp_path / "graph_ab.json").read_text())
+    assert set(record["results"]) == {"2x5", "1x3"}
+    for figures in record["results"].values():
+        assert set(figures) == {"fp32", "int8"}
+        assert all(0 < f["best_ms"] <= f["median_ms"] and f["runs"] >= 8 for f in figures.values())

@@ -4,9 +4,11 @@ The encoder is traced from the transformers model with eager attention (the
 form onnxruntime's transformer optimizer recognises), then fused (Attention,
 SkipLayerNormalization, BiasGelu), and written in each requested precision:
 fp32, fp16 (for GPUs, with fp32 inputs and outputs) and int8 (dynamic
-quantization, for CPUs). Pooling and the heads are small enough to write
-directly; they stay in fp32 in every precision, so the masked sum, the division
-by the token count, and the Dense + Tanh keep full precision.
+quantization, for CPUs); the CPU variants have SkipLayerNormalization split back
+into Add + LayerNormalization, which onnxruntime's CPU provider runs faster.
+Pooling and the heads are small enough to write directly; they stay in fp32 in
+every precision, so the masked sum, the division by the token count, and the
+Dense + Tanh keep full precision.
 
 The fused Attention nodes learn about padding from a mask input whose form
 decides which attention kernel onnxruntime may run (`ATTENTION_MASKS`). The
@@ -46,6 +48,13 @@ ENCODER_INPUTS = (INPUT_IDS, ATTENTION_MASK)
 # Per precision: fp16 runs on GPUs, where a fused kernel needs "lengths-starts"; the CPU variants
 # keep the optimizer's form, which is what their benchmarks measured.
 DEFAULT_ATTENTION_MASK = {"fp16": "lengths-starts", "fp32": "lengths", "int8": "lengths"}
+# The CPU variants split SkipLayerNormalization into Add + LayerNormalization: onnxruntime's
+# CPU kernel for the fused node is the slower of the two (int8 encoder, 2 cores, best of many:
+# 499 against 385 ms for 32 skill lists of 64 tokens, 93 against 84 ms for 32 titles;
+# benchmarks/RESULTS.md, "Skill lists: the gap was SkipLayerNormalization").
+# fp16 keeps the fused node, whose CUDA kernel is the point of fusing.
+SPLIT_SKIP_NORMS = frozenset({"fp32", "int8"})
+_SPLIT_MARK = "split from SkipLayerNormalization for the CPU"
 
 
 def export_encoder(spec: ModelSpec, path: Path) -> None:
@@ -155,6 +164,75 @@ def set_attention_mask(model: onnx.ModelProto, form: str) -> None:
     topological_sort(model.graph)
 
 
+def split_skip_layer_norms(model: onnx.ModelProto) -> int:
+    """SkipLayerNormalization(x, skip, gamma, beta[, bias]) -> LayerNormalization(x + skip [+ bias]), in place.
+
+    A node whose mean, inverse deviation or sum output is read stays fused. Returns how
+    many nodes were split.
+    """
+    nodes: list[onnx.NodeProto] = []
+    split = 0
+    for node in model.graph.node:
+        if node.op_type != "SkipLayerNormalization" or any(name for name in node.output[1:]):
+            nodes.append(node)
+            continue
+        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-12)
+        x, skip, gamma, beta = node.input[:4]
+        name = node.name or node.output[0]
+        summed = f"{name}_sum"
+        nodes.append(helper.make_node("Add", [x, skip], [summed], name=f"{name}_add"))
+        if len(node.input) > 4 and node.input[4]:
+            nodes.append(helper.make_node("Add", [summed, node.input[4]], [f"{summed}_bias"], name=f"{name}_bias"))
+            summed = f"{summed}_bias"
+        nodes.append(
+            helper.make_node(
+                "LayerNormalization",
+                [summed, gamma, beta],
+                [node.output[0]],
+                name=name,
+                doc_string=_SPLIT_MARK,
+                axis=-1,
+                epsilon=epsilon,
+            )
+        )
+        split += 1
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return split
+
+
+def fuse_split_layer_norms(model: onnx.ModelProto) -> int:
+    """Undo `split_skip_layer_norms`, in place (for an fp16 variant made from a CPU variant); returns how many."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    dropped: set[int] = set()
+    fused = 0
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "LayerNormalization" or node.doc_string != _SPLIT_MARK:
+            continue
+        adds = [producers[node.input[0]]]
+        bias: list[str] = []
+        if adds[0].name.endswith("_bias"):
+            bias = [adds[0].input[1]]
+            adds.insert(0, producers[adds[0].input[0]])
+        epsilon = next(a.f for a in node.attribute if a.name == "epsilon")
+        model.graph.node[index].CopyFrom(
+            helper.make_node(
+                "SkipLayerNormalization",
+                [*adds[0].input, *node.input[1:], *bias],
+                [node.output[0]],
+                name=node.name,
+                domain="com.microsoft",
+                epsilon=epsilon,
+            )
+        )
+        dropped.update(id(add) for add in adds)
+        fused += 1
+    kept = [node for node in model.graph.node if id(node) not in dropped]
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return fused
+
+
 def write_variant(
     fused: Path,
     out: Path,
@@ -174,7 +252,8 @@ def write_variant(
       scale per row.
 
     `attention_mask` is the form of the Attention nodes' mask input (`ATTENTION_MASKS`);
-    None takes the precision's default (`DEFAULT_ATTENTION_MASK`).
+    None takes the precision's default (`DEFAULT_ATTENTION_MASK`). The CPU variants have
+    their SkipLayerNormalization nodes split (`SPLIT_SKIP_NORMS`).
 
     Returns:
         What the manifest records of the variant: ``nodes`` (counts of the fused and
@@ -186,12 +265,17 @@ def write_variant(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         source = fused
-        if form != "lengths":
-            model = onnx.load(str(fused))
-            set_attention_mask(model, form)
-            source = out.with_name(out.name + ".mask.onnx")
-            onnx.save(model, str(source))
         facts: dict[str, Any] = {"attention_mask": form}
+        if form != "lengths" or precision in SPLIT_SKIP_NORMS or _has_split_norms(fused):
+            model = onnx.load(str(fused))
+            if form != "lengths":
+                set_attention_mask(model, form)
+            if precision in SPLIT_SKIP_NORMS:
+                facts["skip_layer_norms_split"] = split_skip_layer_norms(model)
+            else:
+                fuse_split_layer_norms(model)
+            source = out.with_name(out.name + ".edited.onnx")
+            onnx.save(model, str(source))
         try:
             if precision == "fp32":
                 shutil.copyfile(source, out)
@@ -209,6 +293,11 @@ def write_variant(
             if source != fused:
                 source.unlink(missing_ok=True)
     return {"nodes": fused_node_counts(onnx.load(str(out), load_external_data=False)), **facts}
+
+
+def _has_split_norms(path: Path) -> bool:
+    model = onnx.load(str(path), load_external_data=False)
+    return any(node.doc_string == _SPLIT_MARK for node in model.graph.node)
 
 
 def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -44,7 +44,7 @@ from benchmarks import workloads
 from benchmarks.gpu_probe import cpu_name
 from jobbert_onnx import Encoder, Tuning
 from jobbert_onnx.export.graph_edit import topological_sort
-from jobbert_onnx.export.quantize import _row_wise_embeddings
+from jobbert_onnx.export.quantize import row_wise_embeddings
 from jobbert_onnx.manifest import MANIFEST_NAME, TOKENIZER_FILE, encoder_file, read_manifest
 from jobbert_onnx.vectors import row_cosines
 
@@ -138,7 +138,7 @@ def write_int4(fp32: Path, out: Path, block: int, accuracy_level: int) -> None:
     model = onnx.load(str(fp32))
     _split_attention(model)
     _to_nbits(model, block, accuracy_level)
-    _row_wise_embeddings(model)
+    row_wise_embeddings(model)
     topological_sort(model.graph)
     onnx.save(model, str(out))
 

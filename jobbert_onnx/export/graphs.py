@@ -17,7 +17,6 @@ tokenizer pads on the right, so every form below describes the same padding.
 
 from __future__ import annotations
 
-import shutil
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -211,7 +210,7 @@ def fuse_split_layer_norms(model: onnx.ModelProto) -> int:
             continue
         adds = [producers[node.input[0]]]
         bias: list[str] = []
-        if adds[0].name.endswith("_bias"):
+        if adds[0].name == f"{node.name}_bias":
             bias = [adds[0].input[1]]
             adds.insert(0, producers[adds[0].input[0]])
         epsilon = next(a.f for a in node.attribute if a.name == "epsilon")
@@ -262,42 +261,36 @@ def write_variant(
     if precision not in PRECISIONS:
         raise UsageError(f"unknown precision {precision!r}; choose from: {', '.join(PRECISIONS)}")
     form = attention_mask or DEFAULT_ATTENTION_MASK[precision]
+    facts: dict[str, Any] = {"attention_mask": form}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        source = fused
-        facts: dict[str, Any] = {"attention_mask": form}
-        if form != "lengths" or precision in SPLIT_SKIP_NORMS or _has_split_norms(fused):
-            model = onnx.load(str(fused))
-            if form != "lengths":
-                set_attention_mask(model, form)
-            if precision in SPLIT_SKIP_NORMS:
-                facts["skip_layer_norms_split"] = split_skip_layer_norms(model)
-            else:
-                fuse_split_layer_norms(model)
-            source = out.with_name(out.name + ".edited.onnx")
-            onnx.save(model, str(source))
-        try:
-            if precision == "fp32":
-                shutil.copyfile(source, out)
-            elif precision == "fp16":
-                from onnxruntime.transformers.onnx_model import OnnxModel
+        model = onnx.load(str(fused))
+        if form != "lengths":
+            set_attention_mask(model, form)
+        if precision in SPLIT_SKIP_NORMS:
+            facts["skip_layer_norms_split"] = split_skip_layer_norms(model)
+        else:
+            fuse_split_layer_norms(model)
+        if precision == "fp32":
+            onnx.save(model, str(out))
+        elif precision == "fp16":
+            from onnxruntime.transformers.onnx_model import OnnxModel
 
-                half = OnnxModel(onnx.load(str(source)))
-                half.convert_float_to_float16(keep_io_types=True)
-                half.save_model_to_file(str(out))
-            elif calibration is None:
-                raise ValueError("the int8 variant needs calibration texts to choose its smoothing")
-            else:
-                facts["quantization"] = write_int8(source, out, calibration)
-        finally:
-            if source != fused:
-                source.unlink(missing_ok=True)
+            half = OnnxModel(model)
+            half.convert_float_to_float16(keep_io_types=True)
+            half.save_model_to_file(str(out))
+        elif calibration is None:
+            raise ValueError("the int8 variant needs calibration texts to choose its smoothing")
+        else:
+            # The quantizer reads the graph from a file, several times.
+            staged = out.with_name(out.name + ".staged.onnx")
+            onnx.save(model, str(staged))
+            del model
+            try:
+                facts["quantization"] = write_int8(staged, out, calibration)
+            finally:
+                staged.unlink(missing_ok=True)
     return {"nodes": fused_node_counts(onnx.load(str(out), load_external_data=False)), **facts}
-
-
-def _has_split_norms(path: Path) -> bool:
-    model = onnx.load(str(path), load_external_data=False)
-    return any(node.doc_string == _SPLIT_MARK for node in model.graph.node)
 
 
 def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:

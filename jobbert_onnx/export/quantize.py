@@ -103,7 +103,7 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
             model = onnx.load(str(fused))
             if alpha is not None:
                 _smooth(model, maxima, outliers, alpha)
-            rows = _row_wise_embeddings(model)
+            rows = row_wise_embeddings(model)
             topological_sort(model.graph)
             staged, candidate = Path(scratch) / "staged.onnx", Path(scratch) / "candidate.onnx"
             onnx.save(model, str(staged))
@@ -195,7 +195,7 @@ def _smooth(model: onnx.ModelProto, maxima: dict[str, np.ndarray], names: set[st
         node.input[0] = scaled
 
 
-def _row_wise_embeddings(model: onnx.ModelProto) -> int:
+def row_wise_embeddings(model: onnx.ModelProto) -> int:
     """Store the word-embedding table as int8 with a scale per row, in place; returns its rows (0: none found)."""
     weights = {tensor.name: tensor for tensor in model.graph.initializer}
     for node in model.graph.node:

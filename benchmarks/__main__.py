@@ -15,6 +15,7 @@ not run. Results go to --out as JSON and a Markdown table.
 from __future__ import annotations
 
 import argparse
+import filecmp
 import json
 import os
 import platform
@@ -116,6 +117,11 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
         print(f"building a full-size model with RANDOM weights in {model} ...", file=sys.stderr)
         build_random_model(model, size="tiny" if args.tiny else "full", layout="router", seed=0)
     export = args.export or args.work / "export"
+    if (export / "manifest.json").is_file() and not _made_from(export, model):
+        if args.export:
+            raise SystemExit(f"{export} was exported from other weights than {model}; export {model} again")
+        _log(f"{export} was made from other weights than {model}: exporting again")
+        shutil.rmtree(export)
     if not (export / "manifest.json").is_file():
         if args.export:
             raise SystemExit(f"{export} is not an export folder")
@@ -123,12 +129,22 @@ def _prepare(args: argparse.Namespace) -> tuple[Path, Path]:
     return model, export
 
 
+def _made_from(export: Path, model: Path) -> bool:
+    """Whether `export`'s manifest names `model`'s encoder weights (by sha256)."""
+    from jobbert_onnx.manifest import sha256_file
+
+    recorded = json.loads((export / "manifest.json").read_text())["source"]["weights_sha256"]
+    return recorded.get("model.safetensors") == sha256_file(model / "model.safetensors")
+
+
 def _prepare_peers(args: argparse.Namespace, model: Path) -> tuple[Path | None, str | None]:
     """The peers' python, or None and why it could not be built."""
     try:
         python = peers.ensure_env(args.work / "peer-venv")
         target = args.work / "st-onnx"
-        if not (target / "onnx" / f"model_qint8_{peers.quantization_config()}.onnx").is_file():
+        quantized = target / "onnx" / f"model_qint8_{peers.quantization_config()}.onnx"
+        weights = "model.safetensors"
+        if not quantized.is_file() or not filecmp.cmp(target / weights, model / weights, shallow=False):
             shutil.rmtree(target, ignore_errors=True)
             shutil.copytree(model, target)
             _log("exporting with sentence-transformers' ONNX backend (plain, O3, int8) ...")

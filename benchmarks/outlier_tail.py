@@ -7,7 +7,7 @@ For each title, against the PyTorch fp32 reference (anchor head):
 - the export's int8 cosine;
 - the margin of the replica's outlier circuit: the late-layer feed-forward units
   that `random_model` wires to fire on the outlier dimensions (bias
-  ``-OUTLIER_THRESHOLD``) have a pre-activation z per token; a content token
+  ``-outlier_level``) have a pre-activation z per token; a content token
   (not ``<s>`` or ``</s>``) with |z| < 3 sits on the edge of a switch whose
   output is written back with weight ``OUTLIER_OUT_WEIGHT`` into dimensions that
   carry hundreds, so a small change of its input moves that token's whole
@@ -45,10 +45,8 @@ def _margins(reference: TorchReference, titles: list[str]) -> list[float | None]
     import torch
 
     layers = reference.model.encoder.layer
-    units = {
-        i: (layer.intermediate.dense.bias == -rm.OUTLIER_THRESHOLD).nonzero().flatten()
-        for i, layer in enumerate(layers)
-    }
+    level = rm.outlier_level(reference.model.config.hidden_size)
+    units = {i: (layer.intermediate.dense.bias == -level).nonzero().flatten() for i, layer in enumerate(layers)}
     units = {i: found for i, found in units.items() if len(found)}
     if not units:
         return [None] * len(titles)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks import workloads
+from benchmarks.__main__ import _made_from, _prepare
 from benchmarks.ceilings import flops_per_text
 from jobbert_onnx.vectors import row_cosines
 
@@ -120,3 +123,14 @@ def test_graph_ab_times_each_graph_on_each_shape(tiny_exports: dict, tmp_path: P
     for figures in record["results"].values():
         assert set(figures) == {"fp32", "int8"}
         assert all(0 < f["best_ms"] <= f["median_ms"] and f["runs"] >= 8 for f in figures.values())
+
+
+def test_the_benchmark_refuses_an_export_made_from_other_weights(
+    tiny_models: dict[str, Path], tiny_exports: dict[tuple[str, str], Path]
+) -> None:
+    export = tiny_exports[("router", "int8")]
+    assert _made_from(export, tiny_models["router"])
+    assert not _made_from(export, tiny_models["legacy-asym"]), "another seed, other weights"
+    args = argparse.Namespace(model=tiny_models["legacy-asym"], export=export, work=export.parent, device="cpu")
+    with pytest.raises(SystemExit, match="was exported from other weights than .*; export .* again"):
+        _prepare(args)

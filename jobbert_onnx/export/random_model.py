@@ -11,6 +11,7 @@ accuracy.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +40,42 @@ MAX_SEQ_LENGTH = 64
 # (Kovaleva et al. 2021, "BERT Busters: Outlier Dimensions that Disrupt Transformers";
 # Bondarenko et al. 2021, "Understanding and Overcoming the Challenges of Efficient
 # Transformer Quantization"): LayerNorm gains several times the others in one to three
-# dimensions, and, in late layers, feed-forward outputs of hundreds in those dimensions for
-# delimiter tokens (the separator, commas, full stops), which attention learns to use as a
-# no-op. Gaussian random weights have none. `outliers=True` writes that mechanism in:
+# dimensions, large values there for every token, and, in late layers, feed-forward outputs
+# of hundreds in those dimensions for delimiter tokens (the separator, commas, full stops),
+# which attention learns to use as a no-op. Gaussian random weights have none.
+# `outliers=True` writes that mechanism in:
 OUTLIER_DIMS = 2  # how many hidden dimensions (chosen by the seed)
 OUTLIER_LN_GAIN = 3.0  # every LayerNorm's gain in those dimensions (1.0 elsewhere)
 DELIMITERS = (2, 4, 5)  # </s>, "," and "." in XLM-R's vocabulary
-OUTLIER_MARKER = 10.0  # the delimiters' word embeddings in those dimensions (about 0.02 elsewhere)
+OUTLIER_MARKER = 10.0  # the delimiters' word embeddings in those dimensions, all positive
+# Every other token's word embedding there: this size, with a sign per token and dimension,
+# never all positive. The gain makes each LayerNorm grow these dimensions until they hold most of the
+# variance, so every token carries |value| ~ `outlier_level` there, with its embedding's
+# signs. Drawn from the Gaussian init instead, a sign near zero is a coin toss that a 1%
+# change of any weight can flip (the whole token vector with it), which no trained model
+# shows (Bondarenko et al.: 8-bit weights alone keep BERT's accuracy); this keeps every
+# sign decided, and the position and token-type embeddings stay out of them.
+OUTLIER_SEED = 0.05
 OUTLIER_LATE_LAYERS = 1 / 3  # the share of layers, from the top, with the feed-forward circuit below
-OUTLIER_UNITS = 16  # feed-forward units per such layer that fire on the marker ...
-OUTLIER_THRESHOLD = 20.0  # ... above this value in those dimensions (normal tokens stay well below) ...
+OUTLIER_UNITS = 16  # feed-forward units per such layer reading the sum of those dimensions ...
+# ... less `outlier_level`: delimiters (all signs positive) fire at about +level, every
+# other token sits at -level or below, so no token is near the switch ...
 OUTLIER_OUT_WEIGHT = 2.0  # ... and write back into them: outputs in the hundreds for delimiters
 # Mean pooling carries the delimiters' outlier dimensions into the heads ("rogue dimensions":
 # Timkey & van Schijndel 2021, "All Bark and No Bite"); trained heads read them weakly, or
 # every text would get nearly the same vector. The heads' weights there:
 OUTLIER_HEAD_SCALE = 1 / 200
+
+
+def outlier_level(hidden: int) -> float:
+    """The |value| every token's outlier dimensions settle at after a LayerNorm.
+
+    Where those dimensions hold nearly all the variance, LayerNorm divides by a standard
+    deviation equal to its gain there, which holds `OUTLIER_DIMS` values of size ``v``:
+    ``OUTLIER_DIMS * v**2 / hidden = gain**2 - 1`` (the other dimensions hold variance 1).
+    """
+    return math.sqrt(hidden * (OUTLIER_LN_GAIN**2 - 1) / OUTLIER_DIMS)
+
 
 _SPECIAL = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
 _TOKENIZER_CONFIG: dict[str, Any] = {
@@ -109,15 +131,22 @@ def _add_outliers(encoder: Any, generator: Any) -> list[int]:
         for norm in norms:
             norm.weight[dims] = OUTLIER_LN_GAIN
         words = encoder.embeddings.word_embeddings.weight
+        signs = torch.randint(0, 2, (words.shape[0], OUTLIER_DIMS), generator=generator) * 2.0 - 1.0
+        all_positive = (signs > 0).all(dim=1).nonzero().flatten()
+        flip = torch.randint(0, OUTLIER_DIMS, (len(all_positive),), generator=generator)
+        signs[all_positive, flip] = -1.0
+        words[:, dims] = signs * OUTLIER_SEED
         for token in DELIMITERS:
             words[token, dims] = OUTLIER_MARKER
+        encoder.embeddings.position_embeddings.weight[:, dims] = 0.0
+        encoder.embeddings.token_type_embeddings.weight[:, dims] = 0.0
         inner = encoder.config.intermediate_size
         for layer in layers[-late:]:
             units = torch.randperm(inner, generator=generator)[: min(OUTLIER_UNITS, inner)]
             up, down = layer.intermediate.dense, layer.output.dense
             up.weight[units] = 0.0
             up.weight[units[:, None], dims[None, :]] = 1.0
-            up.bias[units] = -OUTLIER_THRESHOLD
+            up.bias[units] = -outlier_level(hidden)
             down.weight[dims[:, None], units[None, :]] = OUTLIER_OUT_WEIGHT
     return [int(d) for d in dims]
 

@@ -134,3 +134,21 @@ def test_the_benchmark_refuses_an_export_made_from_other_weights(
     args = argparse.Namespace(model=tiny_models["legacy-asym"], export=export, work=export.parent, device="cpu")
     with pytest.raises(SystemExit, match="was exported from other weights than .*; export .* again"):
         _prepare(args)
+
+
+def test_int8_choices_measures_each_choice_alone(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    from benchmarks import int8_choices
+
+    argv = [str(tiny_models["router"]), "--scale", "2", "--titles", "12", "--skill-lists", "4", "--out", str(tmp_path)]
+    assert int8_choices.main(argv) == 0
+    record = json.loads((tmp_path / "choices.json").read_text())
+    assert record["scale"] == 2 and record["texts"] == {"titles": 12, "skill_lists": 4}
+    variants = record["variants"]
+    assert len(variants) == 6
+    assert variants["shipped"]["applied"]["word_embeddings"].startswith("int8, one scale per row")
+    for figures in variants.values():
+        for kind in ("titles", "skill_lists"):
+            assert 0.99 < figures[kind]["min"] <= figures[kind]["mean"] < 1.0, figures
+    titles = {name: figures["titles"]["mean"] for name, figures in variants.items()}
+    assert len(set(titles.values())) >= 5, "the variants are different graphs"
+    assert titles["embeddings fp32"] > titles["shipped"] > titles["embeddings with one scale (onnxruntime's quantizer)"]

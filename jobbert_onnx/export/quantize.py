@@ -108,7 +108,7 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
             staged, candidate = Path(scratch) / "staged.onnx", Path(scratch) / "candidate.onnx"
             onnx.save(model, str(staged))
             del model
-            _quantize_products(staged, candidate)
+            quantize_products(staged, candidate)
             cosines = row_cosines(_pooled(candidate, calibration), reference)
             score = (float(cosines.min()), float(cosines.mean()))
             tried[str(alpha)] = {"min_cosine": score[0], "mean_cosine": score[1]}
@@ -219,8 +219,11 @@ def row_wise_embeddings(model: onnx.ModelProto) -> int:
     return 0
 
 
-def _quantize_products(source: Path, out: Path) -> None:
-    """Dynamic per-channel int8 for every MatMul and the fused Attention (which becomes QAttention)."""
+def quantize_products(source: Path, out: Path, op_types: tuple[str, ...] = ("MatMul", "Attention")) -> None:
+    """Dynamic per-channel int8 for every MatMul and the fused Attention (which becomes QAttention).
+
+    `op_types` narrows it (``("MatMul",)`` keeps the fused Attention in fp32), for measuring each choice.
+    """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # The quantizer logs a generic pre-processing hint on the root logger; the
@@ -232,7 +235,7 @@ def _quantize_products(source: Path, out: Path) -> None:
             str(out),
             per_channel=True,
             weight_type=QuantType.QInt8,
-            op_types_to_quantize=["MatMul", "Attention"],
+            op_types_to_quantize=list(op_types),
             # The fused contrib ops carry no type information for shape inference.
             extra_options={"DefaultTensorType": TensorProto.FLOAT},
         )

@@ -110,24 +110,16 @@ def _variants(fp32: Path, tokenizer: Path, work: Path) -> dict[str, tuple[Path, 
 def _vectors(encoder: Path, export: Path, texts: list[str], head: str) -> np.ndarray:
     """Vectors of `texts` through `encoder`, then the export's mean pooling and `head`."""
     import onnxruntime as ort
-    from tokenizers import Tokenizer
+
+    from jobbert_onnx.export.quantize import Calibration
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(encoder), options, providers=["CPUExecutionProvider"])
     heads = ort.InferenceSession(str(export / f"head_{head}.onnx"), options, providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
-    tokenizer = Tokenizer.from_file(str(export / "tokenizer.json"))
-    tokenizer.no_padding()
     out = []
-    for start in range(0, len(texts), BATCH):
-        ids = [e.ids for e in tokenizer.encode_batch(texts[start : start + BATCH])]
-        width = max(len(row) for row in ids)
-        input_ids = np.ones((len(ids), width), dtype=np.int64)
-        mask = np.zeros_like(input_ids)
-        for row, tokens in enumerate(ids):
-            input_ids[row, : len(tokens)] = tokens
-            mask[row, : len(tokens)] = 1
+    for input_ids, mask in Calibration(export / "tokenizer.json", texts).batches(BATCH):
         feed = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
         tokens = session.run(None, {k: v for k, v in feed.items() if k in wanted})[0]
         pooled = (tokens * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)

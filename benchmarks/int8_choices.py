@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import workloads
+from benchmarks.__main__ import _slug
 from benchmarks.gpu_probe import cpu_name
 from jobbert_onnx import samples
 from jobbert_onnx.manifest import encoder_file
@@ -77,19 +78,22 @@ def _variants(fp32: Path, tokenizer: Path, work: Path) -> dict[str, tuple[Path, 
     built: dict[str, tuple[Path, dict[str, Any]]] = {}
 
     def staged(name: str, rows: bool, quantize: Callable[[Path, Path], None] | None) -> None:
-        model = onnx.load(str(fp32))
-        if rows:
+        out = work / f"{_slug(name)}.onnx"
+        if not rows:
+            assert quantize is not None, "a variant changes the table or the products"
+            quantize(fp32, out)
+        else:
+            model = onnx.load(str(fp32))
             row_wise_embeddings(model)
             topological_sort(model.graph)
-        slug = "".join(c if c.isalnum() else "-" for c in name)
-        source, out = work / f"{slug}.staged.onnx", work / f"{slug}.onnx"
-        onnx.save(model, str(source), save_as_external_data=not quantize, location=f"{slug}.data")
-        del model
-        if quantize:
-            quantize(source, out)
-            source.unlink()
-        else:
-            source.rename(out)
+            source = work / f"{_slug(name)}.staged.onnx"
+            onnx.save(model, str(source), save_as_external_data=not quantize, location=f"{_slug(name)}.data")
+            del model
+            if quantize:
+                quantize(source, out)
+                source.unlink()
+            else:
+                source.rename(out)
         built[name] = (out, {})
 
     out = work / "shipped.onnx"

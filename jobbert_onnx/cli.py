@@ -1,4 +1,4 @@
-"""`jobbert-onnx`: export, encode, and build random-weight test models."""
+"""`jobbert-onnx`: export, encode, and build test models (random weights, or a trained encoder wrapped)."""
 
 from __future__ import annotations
 
@@ -236,10 +236,23 @@ def _export_folder(args: argparse.Namespace) -> str:
     )
 
 
+def _wrap_encoder(args: argparse.Namespace) -> int:
+    from jobbert_onnx.export.trained_model import wrap_trained_encoder
+
+    folder = wrap_trained_encoder(args.source, args.output_dir, layout=args.layout, seed=args.seed)
+    print(
+        f"wrote JobBERT-v3's layout ({args.layout}) around the trained encoder of {args.source} to {folder}; "
+        "its heads are RANDOM, so its vectors carry the encoder's numerics, not JobBERT's meaning",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from jobbert_onnx.batch.embed import BAD_ROW_POLICIES, OUTPUT_DTYPES, EmbedJob
     from jobbert_onnx.batch.match import MATCH_BAD_ROW_POLICIES, run_match
     from jobbert_onnx.export.random_model import LAYOUTS, SIZES, build_random_model
+    from jobbert_onnx.export.trained_model import wrap_trained_encoder
     from jobbert_onnx.serve.config import API_KEY_ENV, ServeConfig
 
     parser = argparse.ArgumentParser(
@@ -366,6 +379,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="give the encoder the outlier dimensions of trained models (to prove low-precision variants on)",
     )
     random_model.set_defaults(run=_random_model)
+
+    wrapped = _defaults(wrap_trained_encoder)
+    wrap = commands.add_parser(
+        "wrap-encoder",
+        help="put a trained mean-pooling sentence encoder into JobBERT-v3's layout with seeded heads "
+        "(real weights to prove precision on, offline)",
+    )
+    wrap.add_argument("source", type=Path, help="a sentence-transformers folder: Transformer -> Pooling (mean)")
+    wrap.add_argument("output_dir", type=Path)
+    wrap.add_argument("--layout", choices=LAYOUTS, default=wrapped["layout"])
+    wrap.add_argument("--seed", type=int, default=wrapped["seed"])
+    wrap.set_defaults(run=_wrap_encoder)
     return parser
 
 

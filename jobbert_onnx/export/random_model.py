@@ -178,7 +178,6 @@ def build_random_model(
     if layout not in LAYOUTS:
         raise UsageError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     import torch
-    from safetensors.torch import save_file
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from jobbert_onnx.export.xlmr_tokenizer import VOCAB_SIZE, xlmr_tokenizer
@@ -209,9 +208,29 @@ def build_random_model(
     tokenizer.enable_truncation(max_length=_TOKENIZER_CONFIG["max_length"])
     tokenizer.save(str(folder / "tokenizer.json"))
     _write_json(folder / "tokenizer_config.json", _TOKENIZER_CONFIG)
-    _write_json(folder / "sentence_bert_config.json", {"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False})
-    _write_json(folder / "1_Pooling" / "config.json", {**_POOLING, "word_embedding_dimension": hidden})
+    write_layout(folder, hidden, layout, weak_dims=dims)
+    return folder
 
+
+def write_layout(
+    folder: Path, hidden: int, layout: str, weak_dims: list[int] | None = None, do_lower_case: bool = False
+) -> None:
+    """Write everything of JobBERT-v3's folder but the encoder: its sentence-transformers
+    configuration, mean pooling and the two Dense(hidden -> 1024) + Tanh heads.
+
+    The heads take torch's default initialisation from the seed already set; `weak_dims`
+    are the hidden dimensions they read 200 times more weakly (`OUTLIER_HEAD_SCALE`).
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if layout not in LAYOUTS:
+        raise UsageError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
+    dims = weak_dims or []
+    _write_json(
+        folder / "sentence_bert_config.json", {"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": do_lower_case}
+    )
+    _write_json(folder / "1_Pooling" / "config.json", {**_POOLING, "word_embedding_dimension": hidden})
     module_folder = "2_Router" if layout == "router" else "2_Asym"
     heads = _HEAD_FOLDERS[layout]
     for name in heads.values():
@@ -230,7 +249,7 @@ def build_random_model(
         )
         state = {"linear.weight": linear.weight.detach().contiguous(), "linear.bias": linear.bias.detach().contiguous()}
         save_file(state, str(head_folder / "model.safetensors"))
-    router = {
+    router: dict[str, Any] = {
         "types": {name: _DENSE_TYPE[layout] for name in heads.values()},
         "structure": {route: [name] for route, name in heads.items()},
         "parameters": {"default_route": "anchor", "allow_empty_key": True}
@@ -261,4 +280,3 @@ def build_random_model(
             {"idx": 2, "name": "2", "path": module_folder, "type": router_type},
         ],
     )
-    return folder

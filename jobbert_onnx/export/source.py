@@ -18,6 +18,9 @@ from jobbert_onnx.errors import JobbertOnnxError, SourceUnavailableError
 from jobbert_onnx.manifest import sha256_file
 
 ROUTES = ("anchor", "positive")
+# Encoders the export traces: transformers' model_type -> its model class. XLM-R (JobBERT-v3's)
+# numbers positions from pad_token_id + 1; BERT from 0 and adds token type 0 to every token.
+ENCODER_TYPES = {"xlm-roberta": "XLMRobertaModel", "bert": "BertModel"}
 TANH = "torch.nn.modules.activation.Tanh"
 _TRANSFORMER = "sentence_transformers.models.Transformer"
 _POOLING = "sentence_transformers.models.Pooling"
@@ -164,15 +167,28 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
 def _check_encoder(folder: Path) -> dict[str, Any]:
     config = _read_json(folder / "config.json", "encoder config")
     found = config.get("model_type")
-    if found != "xlm-roberta":
+    if found not in ENCODER_TYPES:
         raise UnsupportedModelError(
             f"the encoder is model_type {found!r} ({folder / 'config.json'}); "
-            "JobBERT-v3 export supports 'xlm-roberta' only"
+            f"the export supports {', '.join(repr(t) for t in ENCODER_TYPES)}"
         )
+    if not isinstance(config.get("pad_token_id"), int):
+        raise UnsupportedModelError(f"{folder / 'config.json'} sets no integer pad_token_id")
     for key, expected in (("position_embedding_type", "absolute"), ("hidden_act", "gelu")):
         if config.get(key, expected) != expected:
             raise UnsupportedModelError(f"the encoder has {key}={config.get(key)!r}; only {expected!r} is supported")
     return dict(config)
+
+
+def max_positions(config: dict[str, Any]) -> int:
+    """The longest input the encoder's position table covers.
+
+    XLM-R gives the first real token position ``pad_token_id + 1`` (the positions below it
+    are reserved for padding), so it covers ``max_position_embeddings - pad_token_id - 1``;
+    BERT counts from 0.
+    """
+    table = int(config["max_position_embeddings"])
+    return table - int(config["pad_token_id"]) - 1 if config["model_type"] == "xlm-roberta" else table
 
 
 def _check_pooling(folder: Path, hidden: int) -> None:
@@ -247,7 +263,7 @@ def _read_heads(folder: Path, module_type: str, hidden: int, allow_pickle: bool)
 def read_model(source: str, revision: str | None = None, allow_pickle: bool = False) -> ModelSpec:
     """Locate a JobBERT-v3 model and check that its layout is the one this exporter supports.
 
-    Supported: ``modules.json`` with Transformer (XLM-R) -> Pooling (mean) -> Router
+    Supported: ``modules.json`` with Transformer (XLM-R or BERT) -> Pooling (mean) -> Router
     (``2_Router/router_config.json``) or legacy Asym (``2_Asym/config.json``), whose
     routes ``anchor`` and ``positive`` each run one Dense(hidden -> d) + Tanh. Weights
     are read from safetensors; pickled ``pytorch_model.bin`` files only with `allow_pickle`.
@@ -270,7 +286,7 @@ def read_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
     hidden = int(encoder_config["hidden_size"])
     st_config = _read_json(encoder_folder / "sentence_bert_config.json", "sentence-transformers config")
     max_seq_length = st_config.get("max_seq_length")
-    limit = int(encoder_config.get("max_position_embeddings", 514)) - int(encoder_config.get("pad_token_id", 1)) - 1
+    limit = max_positions(encoder_config)
     if not isinstance(max_seq_length, int) or not 2 <= max_seq_length <= limit:
         raise UnsupportedModelError(
             f"max_seq_length {max_seq_length!r} in sentence_bert_config.json is not in [2, {limit}]"

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tokenizers import Tokenizer
 
 from jobbert_onnx.export.hf import load_tokenizer
 from jobbert_onnx.export.source import ModelSpec, UnsupportedModelError
-
-# XLM-R's special tokens and the ids the encoder was trained with.
-XLMR_SPECIAL_IDS = {"<s>": 0, "<pad>": 1, "</s>": 2, "<unk>": 3}
 
 
 def write_tokenizer(spec: ModelSpec, path: Path) -> None:
@@ -31,16 +29,49 @@ def write_tokenizer(spec: ModelSpec, path: Path) -> None:
             f"transformers loaded {type(loaded).__name__} from {spec.folder}, not a fast tokenizer"
         )
     tokenizer = Tokenizer.from_str(backend.to_str())
-    for token, expected in XLMR_SPECIAL_IDS.items():
-        found = tokenizer.token_to_id(token)
-        if found != expected:
-            raise UnsupportedModelError(f"{source} maps {token} to id {found}; XLM-R uses {expected}")
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
     if vocab > int(spec.encoder_config["vocab_size"]):
         raise UnsupportedModelError(
             f"{source} has {vocab} tokens but the encoder's embedding table has {spec.encoder_config['vocab_size']}"
         )
-    pad_id = int(spec.encoder_config.get("pad_token_id", 1))
+    tokenizer.no_padding()
+    tokenizer.no_truncation()
+    pad_id = check_special_tokens(tokenizer, loaded, spec)
     tokenizer.enable_truncation(max_length=spec.max_seq_length, strategy="longest_first", direction="right")
     tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=tokenizer.id_to_token(pad_id))
     tokenizer.save(str(path))
+
+
+def check_special_tokens(tokenizer: Tokenizer, loaded: Any, spec: ModelSpec) -> int:
+    """Check the special tokens against each other and the encoder; returns the pad id.
+
+    The pad id is read from the tokenizer and must be the config's ``pad_token_id``: the
+    encoder masks padding by it, and XLM-R numbers positions from it (a text's first token
+    gets position ``pad_token_id + 1``), so a disagreement shifts every position. Every text
+    must be wrapped in the tokenizer's own start and end tokens (``<s> ... </s>`` for XLM-R,
+    ``[CLS] ... [SEP]`` for BERT), as the encoder was trained.
+    """
+    source = spec.folder / "tokenizer.json"
+    config_pad = int(spec.encoder_config["pad_token_id"])
+    pad_id = loaded.pad_token_id
+    if pad_id != config_pad:
+        raise UnsupportedModelError(
+            f"the tokenizer pads with id {pad_id} ({loaded.pad_token!r}) but {spec.folder / 'config.json'} has "
+            f"pad_token_id {config_pad}: the encoder would take padding for text (and XLM-R shift its positions); "
+            "make the two agree"
+        )
+    start, end = loaded.cls_token_id, loaded.sep_token_id
+    wrapped = tokenizer.encode("", add_special_tokens=True).ids
+    if start is None or end is None or wrapped != [start, end]:
+        raise UnsupportedModelError(
+            f"{source} wraps an empty text as {wrapped}; its start and end tokens are "
+            f"{loaded.cls_token!r} ({start}) and {loaded.sep_token!r} ({end}): a sentence encoder's tokenizer "
+            "adds both to every text"
+        )
+    vocab = int(spec.encoder_config["vocab_size"])
+    for name, token_id in (("pad", pad_id), ("start", start), ("end", end)):
+        if not 0 <= token_id < vocab:
+            raise UnsupportedModelError(
+                f"the tokenizer's {name} token id {token_id} is outside the encoder's vocabulary of {vocab}"
+            )
+    return int(pad_id)

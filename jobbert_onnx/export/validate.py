@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,9 @@ from jobbert_onnx.errors import JobbertOnnxError
 from jobbert_onnx.export.reference import TorchReference
 from jobbert_onnx.manifest import POOLING_FILE, read_manifest
 from jobbert_onnx.runtime import Encoder
+from jobbert_onnx.runtime.chain import GraphChain
 from jobbert_onnx.runtime.sessions import resolve_device
+from jobbert_onnx.runtime.tuning import Tuning
 from jobbert_onnx.vectors import row_cosines
 
 # Cosine to the fp32 PyTorch vectors that every variant must reach, for both heads:
@@ -28,8 +32,23 @@ class ExportValidationError(JobbertOnnxError, RuntimeError):
     """The exported graphs do not reproduce the PyTorch model closely enough."""
 
 
-def validate_export(folder: Path, reference: TorchReference, texts: list[str], device: str = "auto") -> dict[str, Any]:
-    """Encode `texts` with the reference and with every variant of the export, and compare.
+@dataclass(frozen=True)
+class Expected:
+    """What the PyTorch reference computes for the validation texts, kept so the model can go."""
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    vectors: dict[str, np.ndarray]
+
+    @classmethod
+    def compute(cls, reference: TorchReference, texts: list[str], routes: tuple[str, ...]) -> Expected:
+        return cls(texts, reference.token_ids(texts), reference.encode_heads(texts, routes))
+
+
+def validate_export(
+    folder: Path, expected: Expected, device: str = "auto", precisions: Sequence[str] | None = None
+) -> dict[str, Any]:
+    """Encode the expected texts with every variant of the export (or `precisions`), and compare.
 
     fp32 and fp16 run on `device`; int8 always runs on the CPU, where it is meant to.
     Where ``device="auto"`` cannot get CUDA, the reason is kept in ``cuda_unusable``
@@ -47,46 +66,47 @@ def validate_export(folder: Path, reference: TorchReference, texts: list[str], d
     """
     manifest = read_manifest(folder)
     resolved, fallback = resolve_device(device, folder / POOLING_FILE)
-    expected = reference.encode_heads(texts, tuple(manifest.routes))
+    texts = expected.texts
     figures: dict[str, Any] = {"texts": len(texts), "variants": {}}
     if fallback is not None:
         figures["cuda_unusable"] = fallback
     passed = True
-    for precision in manifest.variants:
-        # The export has just written and hashed these files: no need to hash them again.
-        encoder = Encoder.load(
-            folder, device="cpu" if precision == "int8" else str(resolved), precision=precision, verify=False
-        )
+    for precision in manifest.variants if precisions is None else precisions:
+        # The variant itself, whatever a user's load would prefer on this device (fp16 on the CPU too).
+        on = resolve_device("cpu" if precision == "int8" else str(resolved), folder / POOLING_FILE)[0]
+        variant = manifest.variants[precision]
+        tuning = Tuning().resolve(on.kind, manifest.max_seq_length)
+        encoder = Encoder(manifest, GraphChain(manifest, variant, on, tuning))
         if "token_ids_match" not in figures:
             ours = encoder.tokenizer.tokenize(texts).ids
-            mismatched = [i for i, (a, b) in enumerate(zip(ours, reference.token_ids(texts), strict=True)) if a != b]
+            mismatched = [i for i, (a, b) in enumerate(zip(ours, expected.token_ids, strict=True)) if a != b]
             figures["token_ids_match"] = not mismatched
             if mismatched:
                 figures["token_id_mismatches"] = [texts[i][:80] for i in mismatched[:5]]
             passed = not mismatched
         least, mean = REQUIRED_COSINE[precision]
-        variant: dict[str, Any] = {
+        figures_of: dict[str, Any] = {
             "device": str(encoder.device),
             "min_cosine_required": least,
             "mean_cosine_required": mean,
             "heads": {},
         }
         if precision == "fp16" and encoder.device.kind == "cpu":
-            variant["note"] = FP16_ON_CPU
+            figures_of["note"] = FP16_ON_CPU
         ok = True
         for route in encoder.tasks:
             got = encoder.encode(texts, task=route, batch_size=16)
-            cosines = row_cosines(got, expected[route])
+            cosines = row_cosines(got, expected.vectors[route])
             worst = int(np.argmin(cosines))
-            variant["heads"][route] = {
+            figures_of["heads"][route] = {
                 "min_cosine": float(cosines.min()),
                 "mean_cosine": float(cosines.mean()),
-                "max_abs_diff": float(np.abs(got - expected[route]).max()),
+                "max_abs_diff": float(np.abs(got - expected.vectors[route]).max()),
                 "worst_text": texts[worst][:80],
             }
             ok = ok and bool(cosines.min() >= least and cosines.mean() >= mean)
-        variant["passed"] = ok
-        figures["variants"][precision] = variant
+        figures_of["passed"] = ok
+        figures["variants"][precision] = figures_of
         passed = passed and ok
     figures["passed"] = passed
     return figures

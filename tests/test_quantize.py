@@ -37,13 +37,18 @@ def test_the_outlier_replica_has_the_pathologies_of_trained_encoders(outlier_exp
     weights = load_file(str(model / "model.safetensors"))
     gains = weights["embeddings.LayerNorm.weight"]
     dims = np.flatnonzero(gains == rm.OUTLIER_LN_GAIN)
-    assert len(dims) == rm.OUTLIER_DIMS and np.allclose(np.delete(gains, dims), 1.0)
+    pad = np.flatnonzero(gains == rm.PAD_LN_GAIN)
+    assert len(dims) == rm.OUTLIER_DIMS and len(pad) == 1 and np.allclose(np.delete(gains, [*dims, *pad]), 1.0)
     for name, value in weights.items():
         if name.endswith("LayerNorm.weight"):
             assert np.array_equal(np.flatnonzero(value == rm.OUTLIER_LN_GAIN), dims), name
     words = weights["embeddings.word_embeddings.weight"]
+    assert words[rm.PAD_TOKEN, pad] == rm.PAD_MARKER and np.count_nonzero(words[:, pad]) == 1, "only <pad> marks it"
+    first = np.flatnonzero(words[rm.FIRST_TOKEN] == rm.FIRST_MARKER)
+    assert len(first) == rm.FIRST_DIMS and np.count_nonzero(words[:, first]) == rm.FIRST_DIMS, "only <s> marks these"
     assert np.all(words[list(rm.DELIMITERS)][:, dims] == rm.OUTLIER_MARKER)
-    others = np.delete(words, list(rm.DELIMITERS), axis=0)[:, dims]
+    assert np.all(words[rm.FIRST_TOKEN, dims] == -rm.OUTLIER_MARKER), "<s> sits far below the delimiters' switch"
+    others = np.delete(words, [*rm.DELIMITERS, rm.FIRST_TOKEN], axis=0)[:, dims]
     assert np.all(np.abs(others) == np.float32(rm.OUTLIER_SEED)), "every sign decided, none near zero"
     assert not np.any(np.all(others > 0, axis=1)), "only delimiters have every sign positive"
     assert np.all(np.any(others > 0, axis=0)), "each dimension has both signs"
@@ -53,6 +58,35 @@ def test_the_outlier_replica_has_the_pathologies_of_trained_encoders(outlier_exp
     assert (down[dims] == rm.OUTLIER_OUT_WEIGHT).sum() == rm.OUTLIER_DIMS * rm.OUTLIER_UNITS, "late FFN writes them"
     head = load_file(str(model / "2_Router" / "anchor_0_Dense" / "model.safetensors"))["linear.weight"]
     assert np.abs(head[:, dims]).max() < np.abs(np.delete(head, dims, axis=1)).max() / 50
+
+
+def test_the_outlier_replica_singles_out_the_first_token_and_padding(outlier_export: tuple[Path, Path]) -> None:
+    """Trained encoders' token outliers: the first token's early feed-forward outputs far above the
+    median, and padded positions beyond every real token at the embeddings' LayerNorm and at GELU."""
+    import torch
+    from transformers import AutoTokenizer, XLMRobertaModel
+
+    model, _ = outlier_export
+    encoder = XLMRobertaModel.from_pretrained(str(model)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    caught: dict[str, torch.Tensor] = {}
+    first = encoder.encoder.layer[0]
+    encoder.embeddings.LayerNorm.register_forward_hook(lambda _m, _i, out: caught.__setitem__("norm", out))
+    first.output.dense.register_forward_hook(lambda _m, _i, out: caught.__setitem__("ffn", out))
+    first.intermediate.register_forward_hook(lambda _m, _i, out: caught.__setitem__("gelu", out))
+    texts = samples.titles("en")[:24] + samples.skill_lists("en", count=8, skills_per_list=8)
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    with torch.inference_mode():
+        encoder(**batch)
+    real = batch["attention_mask"].bool()
+    assert (~real).any(), "the batch has padding"
+    starts = torch.zeros_like(real)
+    starts[:, 0] = True
+    ffn = caught["ffn"].abs()
+    assert ffn[starts].max() > 100 * ffn[real & ~starts].median(), "the first token's feed-forward output"
+    for name, factor in (("norm", 4.0), ("gelu", 10.0)):
+        values = caught[name].abs()
+        assert values[~real].max() > factor * values[real].max(), f"padded positions at {name}"
 
 
 def test_only_delimiters_trip_the_outlier_replicas_switch(outlier_export: tuple[Path, Path]) -> None:

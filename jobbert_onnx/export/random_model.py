@@ -65,6 +65,28 @@ OUTLIER_OUT_WEIGHT = 2.0  # ... and write back into them: outputs in the hundred
 # Timkey & van Schijndel 2021, "All Bark and No Bite"); trained heads read them weakly, or
 # every text would get nearly the same vector. The heads' weights there:
 OUTLIER_HEAD_SCALE = 1 / 200
+# Trained encoders also single out tokens, not only dimensions (measured on a trained BERT-family
+# sentence encoder): the first token (``<s>``) carries, in early layers, feed-forward outputs
+# about 180 times the median channel and LayerNorm outputs about 16 times, and padded positions
+# (which attend to the text but are never pooled) reach several times the real tokens' largest
+# LayerNorm output and tens of times their GELU outputs. Anything that shares one quantization
+# scale between tokens, or between a text and its padding, breaks on these. `outliers=True`
+# writes them in too:
+FIRST_TOKEN = 0  # <s>
+FIRST_DIMS = 2  # hidden dimensions that mark the first token (chosen by the seed, apart from the others)
+FIRST_MARKER = 10.0  # <s>'s word embedding there (every other token: 0)
+FIRST_EARLY_LAYERS = 1 / 3  # the share of layers, from the bottom, whose feed-forward fires on <s>:
+FIRST_UNITS = 8  # units reading the sum of those dimensions less a quarter of <s>'s value there after
+# the embeddings' LayerNorm (`token_level`; no other token has any) ...
+FIRST_OUT_WEIGHT = 2.0  # ... and writing back into them
+PAD_TOKEN = 1  # <pad>
+PAD_MARKER = 1.0  # <pad>'s word embedding in one dimension of its own (every other token: 0)
+# The embeddings' LayerNorm gain there: padded positions leave it at about sqrt(hidden) x 10. Only
+# that LayerNorm, or every token would grow the dimension layer by layer; nothing else writes into it.
+PAD_LN_GAIN = 10.0
+PAD_UNITS = 8  # feed-forward units per layer that read it less half of a padded position's value there ...
+PAD_UNIT_WEIGHT = 20.0  # ... this strongly (padded positions fire; no real token does) ...
+PAD_WRITE = 0.1  # ... and write back into it this weakly, so padded positions keep it through the layers
 
 
 def outlier_level(hidden: int) -> float:
@@ -151,6 +173,59 @@ def _add_outliers(encoder: Any, generator: Any) -> list[int]:
     return [int(d) for d in dims]
 
 
+def token_level(hidden: int, dims: int) -> float:
+    """A token's value in each of `dims` dimensions that hold nearly all its variance, after a LayerNorm."""
+    return math.sqrt(hidden / dims)
+
+
+def _add_token_outliers(encoder: Any, generator: Any, taken: list[int]) -> list[int]:
+    """Give the first token and padded positions their trained-model outliers in place (`FIRST_TOKEN`,
+    `PAD_TOKEN`); returns the first token's dimensions (the heads read them weakly)."""
+    import torch
+
+    hidden = encoder.config.hidden_size
+    free = torch.tensor([d for d in torch.randperm(hidden, generator=generator).tolist() if d not in taken])
+    first, pad = free[:FIRST_DIMS], int(free[FIRST_DIMS])
+    layers = encoder.encoder.layer
+    inner = encoder.config.intermediate_size
+    embeddings = encoder.embeddings
+    with torch.no_grad():
+        words = embeddings.word_embeddings.weight
+        words[:, first] = 0.0
+        words[FIRST_TOKEN, first] = FIRST_MARKER
+        # Its marker takes the outlier dimensions' share of <s>'s variance, which would leave their values
+        # to whatever attention brings (measured: a fifth of the texts' <s> within 10 of the delimiters'
+        # switch, and int8 min cosine 0.89 from it): mark them far below it.
+        words[FIRST_TOKEN, taken] = -OUTLIER_MARKER
+        words[:, pad] = 0.0
+        words[PAD_TOKEN, pad] = PAD_MARKER
+        for table in (embeddings.position_embeddings.weight, embeddings.token_type_embeddings.weight):
+            table[:, first] = 0.0
+            table[:, pad] = 0.0
+        embeddings.LayerNorm.weight[pad] = PAD_LN_GAIN
+        embeddings.LayerNorm.bias[pad] = 0.0
+        for index, layer in enumerate(layers):
+            # Nothing but the padding units writes into the padding dimension, so only padded positions carry it.
+            layer.attention.output.dense.weight[pad] = 0.0
+            layer.attention.output.dense.bias[pad] = 0.0
+            up, down = layer.intermediate.dense, layer.output.dense
+            down.weight[pad] = 0.0
+            down.bias[pad] = 0.0
+            units = torch.randperm(inner, generator=generator)[: min(FIRST_UNITS + PAD_UNITS, inner)]
+            pad_units, first_units = units[:PAD_UNITS], units[PAD_UNITS:]
+            up.weight[pad_units] = 0.0
+            up.weight[pad_units, pad] = PAD_UNIT_WEIGHT
+            up.bias[pad_units] = -PAD_UNIT_WEIGHT * token_level(hidden, 1) / 2
+            down.weight[:, pad_units] = 0.0
+            down.weight[pad, pad_units] = PAD_WRITE
+            if index < max(1, round(len(layers) * FIRST_EARLY_LAYERS)):
+                up.weight[first_units] = 0.0
+                up.weight[first_units[:, None], first[None, :]] = 1.0
+                up.bias[first_units] = -FIRST_DIMS * token_level(hidden, FIRST_DIMS + OUTLIER_DIMS) / 4
+                down.weight[first[:, None], first_units[None, :]] = FIRST_OUT_WEIGHT
+    return [int(d) for d in first]
+
+
 def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, data)
@@ -199,7 +274,11 @@ def build_random_model(
         **_ENCODER[size],
     )
     encoder = XLMRobertaModel(config).eval()
-    dims = _add_outliers(encoder, torch.Generator().manual_seed(seed)) if outliers else []
+    dims: list[int] = []
+    if outliers:
+        generator = torch.Generator().manual_seed(seed)
+        dims = _add_outliers(encoder, generator)
+        dims += _add_token_outliers(encoder, generator, dims)
     encoder.save_pretrained(folder, safe_serialization=True)
     hidden = config.hidden_size
 

@@ -81,7 +81,7 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
             _contender("jobbert-onnx fp32", ours, batch_sizes=large, precision="fp32"),
         ]
     reference = _contender(REFERENCE, "st-torch")
-    int8_file = f"model_qint8_{quant_preset}.onnx"
+    int8_file = peers.int8_file_name(quant_preset)
     return [
         reference,
         _contender("sentence-transformers ONNX", "st-onnx", "peers", file_name="model.onnx", precision="fp32"),
@@ -94,6 +94,20 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
             precision="int8",
         ),
         _contender("Optimum ORTModelForFeatureExtraction", "optimum", "peers"),
+        _contender(
+            "sentence-transformers OpenVINO int8 (static)",
+            "st-openvino",
+            "openvino",
+            file_name="openvino/openvino_model_qint8_quantized.xml",
+            precision="int8",
+        ),
+        _contender(
+            "sentence-transformers OpenVINO",
+            "st-openvino",
+            "openvino",
+            file_name="openvino/openvino_model.xml",
+            precision="fp32",
+        ),
         _contender("jobbert-onnx int8", "jobbert-onnx", precision="int8"),
         _contender("jobbert-onnx int8, sessions spinning", "jobbert-onnx", precision="int8", spinning=True),
         _contender("jobbert-onnx int8, one merged graph", "merged", precision="int8"),
@@ -142,7 +156,7 @@ def _prepare_peers(args: argparse.Namespace, model: Path) -> tuple[Path | None, 
     try:
         python = peers.ensure_env(args.work / "peer-venv")
         target = args.work / "st-onnx"
-        quantized = target / "onnx" / f"model_qint8_{peers.quantization_config()}.onnx"
+        quantized = target / "onnx" / peers.int8_file_name(peers.quantization_config())
         weights = "model.safetensors"
         if not quantized.is_file() or not filecmp.cmp(target / weights, model / weights, shallow=False):
             shutil.rmtree(target, ignore_errors=True)
@@ -157,6 +171,25 @@ def _prepare_peers(args: argparse.Namespace, model: Path) -> tuple[Path | None, 
         return python, None
     except (subprocess.CalledProcessError, OSError) as error:
         return None, f"the peers' environment could not be built: {error}"
+
+
+def _prepare_openvino(args: argparse.Namespace, model: Path) -> tuple[Path | None, str | None]:
+    """The OpenVINO peers' python, with the model in OpenVINO IR (fp32 and static int8); or None and why not."""
+    try:
+        python = peers.ensure_env(args.work / "openvino-venv", peers.OPENVINO_PACKAGES)
+        target = args.work / "st-openvino"
+        weights = "model.safetensors"
+        int8 = target / "openvino" / "openvino_model_qint8_quantized.xml"
+        if not int8.is_file() or not filecmp.cmp(target / weights, model / weights, shallow=False):
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(model, target)
+            _log("exporting with sentence-transformers' OpenVINO backend (fp32, static int8 with NNCF) ...")
+            subprocess.run(
+                [str(python), "-m", "benchmarks.prepare_openvino", str(target)], check=True, cwd=ROOT, env=_env()
+            )
+        return python, None
+    except (subprocess.CalledProcessError, OSError) as error:
+        return None, f"the OpenVINO peers' environment could not be built: {error}"
 
 
 def _env() -> dict[str, str]:
@@ -220,6 +253,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per contender")
     parser.add_argument("--quick", action="store_true", help="64 titles, 16 skill lists, batches 8 and 16, 20 calls")
     parser.add_argument("--tiny", action="store_true", help="tiny random model (tests of the suite itself)")
+    parser.add_argument(
+        "--weights", help="what --model's weights are, for the report (default: random, as the built model's are)"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.titles, args.skill_lists, args.latency_calls = 64, 16, 20
@@ -260,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         if keys - known:
             raise SystemExit(f"--only: no contender named {', '.join(sorted(keys - known))}; known: {sorted(known)}")
         chosen = [c for c in chosen if c["name"] == REFERENCE or c["name"].lower() in keys]
-    peer_python, peer_problem = (None, "skipped (--no-peers)") if args.no_peers else (None, None)
+    pythons: dict[str, Path | None] = {"main": Path(sys.executable), "peers": None, "openvino": None}
+    problems = {"peers": "skipped (--no-peers)", "openvino": "skipped (--no-peers)"}
     if not args.no_peers and any(c["env"] == "peers" for c in chosen):
-        peer_python, peer_problem = _prepare_peers(args, model)
+        pythons["peers"], problems["peers"] = _prepare_peers(args, model)  # type: ignore[assignment]
+    if not args.no_peers and any(c["env"] == "openvino" for c in chosen):
+        pythons["openvino"], problems["openvino"] = _prepare_openvino(args, model)  # type: ignore[assignment]
 
     results: list[dict[str, Any]] = []
     document: dict[str, Any] = {
@@ -297,6 +336,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(model),
             "export": str(export),
             "st_onnx": str(args.work / "st-onnx"),
+            "st_openvino": str(args.work / "st-openvino"),
             "workloads": {name: {"task": s["task"], "texts": s["texts"]} for name, s in texts.items()},
             "batch_sizes": batch_sizes,
             "contender_batch_sizes": [b for b in contender.get("batch_sizes", batch_sizes) if b in batch_sizes]
@@ -308,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
             "latency_calls": args.latency_calls,
             "out": str(args.out),
         }
-        python = Path(sys.executable) if contender["env"] == "main" else peer_python
+        python = pythons[contender["env"]]
         elapsed = time.perf_counter() - started
         if args.device == "cpu" and contender["options"].get("cuda_graphs"):
             results.append({"contender": contender["name"], "error": "CUDA graphs need a GPU"})
@@ -316,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             late = f"past the {args.deadline_s:.0f} s deadline"
             results.append({"contender": contender["name"], "error": late})
         elif python is None:
-            results.append({"contender": contender["name"], "error": peer_problem})
-            _log(f"{contender['name']}: not run: {peer_problem}")
+            results.append({"contender": contender["name"], "error": problems[contender["env"]]})
+            _log(f"{contender['name']}: not run: {problems[contender['env']]}")
         else:
             _log(f"running {contender['name']} ...")
             results.append(_run_contender(config, python, args.timeout))
@@ -384,7 +424,7 @@ def _environment(args: argparse.Namespace, model: Path) -> dict[str, Any]:
         "device": args.device,
         "threads": "onnxruntime and torch defaults (one per core)",
         "model": str(model),
-        "weights": "random (full-size JobBERT-v3 architecture)" if not args.tiny else "random (tiny)",
+        "weights": args.weights or ("random (tiny)" if args.tiny else "random (full-size JobBERT-v3 architecture)"),
     }
 
 

@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_peer:
         python = peers.ensure_env(args.work / "peer-venv")
         peers.ensure_server_packages(python)
-        file_name = f"onnx/model_qint8_{peers.quantization_config()}.onnx"
+        file_name = f"onnx/{peers.int8_file_name(peers.quantization_config())}"
         servers["sentence-transformers ONNX int8 + Starlette"] = [
             str(python), "-m", "benchmarks.peer_server", str(args.work / "st-onnx"), file_name,
         ]  # fmt: skip

@@ -24,24 +24,42 @@ PACKAGES = [
 ]
 
 
+# sentence-transformers' OpenVINO backend, which its documentation recommends for CPUs, in an
+# environment of its own (optimum-intel pins another optimum than optimum-onnx). NNCF does the
+# static int8 calibration. optimum-intel needs torchvision, whose only wheel that imports here
+# comes with torch 2.14.1 (a CUDA build of several GB; it runs on the CPU).
+OPENVINO_PACKAGES = [
+    "torch==2.14.1",
+    "torchvision==0.29.1",
+    "transformers>=4.41,<4.58",
+    "sentence-transformers>=5.1,<6",
+    "optimum-intel[openvino,nncf]==2.2.0",
+    "openvino==2026.4.1",
+    "nncf==3.4.0",
+    "datasets",
+    "safetensors",
+    f"onnxruntime=={ort.__version__}",  # jobbert_onnx's package imports it (the calibration texts come from it)
+]
+
+
 def python_of(venv: Path) -> Path:
     return venv / "bin" / "python"
 
 
-def ensure_env(venv: Path) -> Path:
-    """Create the peers' environment once; return its python."""
+def ensure_env(venv: Path, packages: list[str] = PACKAGES) -> Path:
+    """Create a peers' environment once (`PACKAGES`, or `OPENVINO_PACKAGES`); return its python."""
     python = python_of(venv)
     marker = venv / ".complete"
-    if marker.is_file() and marker.read_text() == "\n".join(PACKAGES):
+    if marker.is_file() and marker.read_text() == "\n".join(packages):
         return python
     if venv.exists():
         shutil.rmtree(venv)
-    print(f"building the peers' environment in {venv} (one time, a few minutes) ...", file=sys.stderr)
+    print(f"building a peers' environment in {venv} (one time, a few minutes) ...", file=sys.stderr)
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     pip = [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-    subprocess.run([*pip, PACKAGES[0]], check=True)  # the local CPU wheel first, so nothing pulls CUDA torch
-    subprocess.run([*pip, *PACKAGES], check=True)
-    marker.write_text("\n".join(PACKAGES))
+    subprocess.run([*pip, packages[0]], check=True)  # the local CPU wheel first, so nothing pulls CUDA torch
+    subprocess.run([*pip, *packages], check=True)
+    marker.write_text("\n".join(packages))
     return python
 
 
@@ -53,6 +71,13 @@ def quantization_config() -> str:
     if "avx512f" in flags:
         return "avx512"
     return "avx2"
+
+
+def int8_file_name(preset: str) -> str:
+    """The file sentence-transformers' int8 export writes: named after the weights' type (the ``avx2``
+    preset quantizes weights to unsigned 8 bits, the others to signed) and the preset."""
+    weights = "quint8" if preset == "avx2" else "qint8"
+    return f"model_{weights}_{preset}.onnx"
 
 
 # The HTTP framework of `benchmarks.peer_server` (the same one our server uses).

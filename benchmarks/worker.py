@@ -126,12 +126,32 @@ def _optimum(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
     return encode, {"precision": "fp32", "provider": "onnxruntime CPU (optimum) + numpy heads"}
 
 
+def _st_openvino(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    """sentence-transformers with backend="openvino": the encoder in OpenVINO, pooling and heads in torch."""
+    import openvino as ov
+    from sentence_transformers import SentenceTransformer
+
+    folder = Path(config["st_openvino"])
+    file_name = config["options"]["file_name"]
+    model = SentenceTransformer(str(folder), backend="openvino", device="cpu", model_kwargs={"file_name": file_name})
+
+    def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
+        return np.asarray(model.encode(texts, task=task, batch_size=batch_size), dtype=np.float32)
+
+    hint = str(ov.Core().get_property("CPU", "INFERENCE_PRECISION_HINT"))
+    return encode, {
+        "precision": config["options"]["precision"],
+        "provider": f"OpenVINO {ov.get_version().split('-')[0]} CPU (inference precision {hint}) + torch heads",
+    }
+
+
 FACTORIES = {
     "jobbert-onnx": _jobbert_onnx,
     "merged": _merged,
     "st-torch": _st_torch,
     "st-onnx": _st_onnx,
     "optimum": _optimum,
+    "st-openvino": _st_openvino,
 }
 
 
@@ -204,7 +224,10 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     result["versions"] = {
         "python": platform.python_version(),
         **{name: _version(name) for name in ("onnxruntime", "onnxruntime-gpu", "torch", "transformers")},
-        **{name: _version(name) for name in ("sentence-transformers", "optimum", "optimum-onnx")},
+        **{
+            name: _version(name)
+            for name in ("sentence-transformers", "optimum", "optimum-onnx", "optimum-intel", "openvino", "nncf")
+        },
     }
     return result
 

@@ -91,3 +91,20 @@ def test_the_benchmark_refuses_an_export_made_from_other_weights(
     args = argparse.Namespace(model=tiny_models["legacy-asym"], export=export, work=export.parent, device="cpu")
     with pytest.raises(SystemExit, match="was exported from other weights than .*; export .* again"):
         _prepare(args)
+
+
+def test_the_cpu_peers_include_sentence_transformers_openvino_and_its_int8_file_names() -> None:
+    from benchmarks import peers
+    from benchmarks.__main__ import contenders
+    from benchmarks.prepare_openvino import CALIBRATION_SAMPLES, INT8_NAME, calibration_texts
+
+    assert peers.int8_file_name("avx2") == "model_quint8_avx2.onnx", "the avx2 preset quantizes weights to u8"
+    assert peers.int8_file_name("avx512_vnni") == "model_qint8_avx512_vnni.onnx"
+    openvino = {c["name"]: c for c in contenders("cpu", "avx2") if c["env"] == "openvino"}
+    assert set(openvino) == {"sentence-transformers OpenVINO", "sentence-transformers OpenVINO int8 (static)"}
+    assert openvino["sentence-transformers OpenVINO int8 (static)"]["options"]["file_name"] == (
+        f"openvino/{INT8_NAME}.xml"
+    )
+    texts = calibration_texts()
+    assert len(texts) == CALIBRATION_SAMPLES and len(set(texts)) == len(texts)
+    assert sum("," in text for text in texts) >= CALIBRATION_SAMPLES // 3, "skill lists as well as titles"

@@ -13,18 +13,18 @@ Why the weights keep 7 bits. onnxruntime's int8 matrix kernel multiplies unsigne
 activations by signed 8-bit weights. On x86 CPUs without VNNI (AVX2 only, e.g. AMD
 Zen 3), that instruction (``vpmaddubsw``) adds pairs of products into 16 bits and
 saturates: with both operands at full range the results are silently wrong (errors of
-10% of the output's range, measured on an AMD EPYC with AVX2). Weights in [-63, 63]
+11.6% of the output's range, measured on an AMD EPYC with AVX2). Weights in [-63, 63]
 keep every pair below 2^15 on every CPU; with one scale per output column they lose
 less than the activations would (benchmarks/RESULTS.md measures both).
 
-Each product ``x @ W`` (x: [batch, sequence, K], W: a [K, N] initializer) becomes::
+The encoder layers run on [tokens, hidden] rows (`flatten_tokens`), and each product
+``x @ W`` (x: [tokens, K], W: a [K, N] initializer) becomes::
 
-    x2 = Reshape(x, [-1, K]); s = max(ReduceMax(|x2|, axis 1), tiny) / 127    # [rows]
-    q  = QuantizeLinear(x2, s, 128, axis=0)                                  # uint8 [rows, K]
-    y  = MatMulIntegerToFloat(q, Wq, 1, w_scale, 128, 0) * s[:, None]          # [rows, N]
-    Reshape(y, [batch, sequence, N])
+    s = ReduceMax(|x|, axis 1) / 127                                    # [tokens]
+    q = QuantizeLinear(x, s, 128, axis=0)                               # uint8 [tokens, K]
+    y = MatMulIntegerToFloat(q, Wq, 1, w_scale, 128, 0) * s[:, None]     # [tokens, N]
 
-and each fused Attention becomes that product for its packed QKV weight, a Split, and
+Each fused Attention becomes that product for its packed QKV weight, a Split, and
 MultiHeadAttention on the three (fp32, as onnxruntime's QAttention computes it too).
 The word-embedding table is stored in int8 with one scale per row (token).
 """

@@ -1,7 +1,8 @@
 """Load by hub id or sentence-transformers folder: export once into a cache, reuse it after.
 
-`resolve_model` turns what a user passes to `Encoder.load` (or to a CLI's MODEL
-argument) into an export folder:
+This sits above both the exporter and the runtime: the runtime knows export folders
+only. `resolve_model` turns what a user passes to `jobbert_onnx.Encoder.load` (or to a
+CLI's MODEL argument) into an export folder:
 
 - an export folder (it holds ``manifest.json``) is used as it is;
 - a sentence-transformers folder, or a hub id such as ``TechWolf/JobBERT-v3``
@@ -36,6 +37,7 @@ from typing import Any
 
 from jobbert_onnx._files import file_lock, write_json
 from jobbert_onnx.errors import MissingExtraError, SourceUnavailableError, UsageError
+from jobbert_onnx.hub import HUB_ID, hub_offline, hub_unavailable
 from jobbert_onnx.manifest import (
     DEFAULT_PRECISIONS,
     MANIFEST_NAME,
@@ -46,9 +48,7 @@ from jobbert_onnx.manifest import (
 )
 
 CACHE_ENV = "JOBBERT_ONNX_CACHE"
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_TRUE = {"1", "on", "yes", "true"}
 _ENTRY_FILE = "cache-entry.json"
 
 
@@ -60,11 +60,6 @@ def default_cache_dir() -> Path:
         if value:
             return Path(value).expanduser() / below
     return Path.home() / ".cache" / "jobbert-onnx"
-
-
-def hub_offline() -> bool:
-    """True when ``HF_HUB_OFFLINE`` asks for no network access."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
 
 
 def is_export(path: Path) -> bool:
@@ -178,17 +173,6 @@ def _hub_commit(repo_id: str, revision: str | None) -> str | None:
             pass
     ref = Path(constants.HF_HUB_CACHE) / f"models--{repo_id.replace('/', '--')}" / "refs" / (revision or "main")
     return ref.read_text(encoding="utf-8").strip() if ref.is_file() else None
-
-
-def hub_unavailable(repo_id: str, revision: str | None, error: Exception) -> SourceUnavailableError:
-    """The error for a hub repository or revision that cannot be had, naming what to do."""
-    from huggingface_hub.errors import RevisionNotFoundError
-
-    if isinstance(error, RevisionNotFoundError):
-        return SourceUnavailableError(f"{repo_id} has no revision {revision!r}; pass a branch, tag or commit it has")
-    return SourceUnavailableError(
-        f"{repo_id} is not on the hub, or it is private or gated and no token is set (huggingface-cli login)"
-    )
 
 
 def _from_pointer(pointer: Path, source: str, revision: str | None) -> Resolved:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobbert_onnx.cache import HUB_ID, hub_unavailable
 from jobbert_onnx.errors import JobbertOnnxError, SourceUnavailableError
+from jobbert_onnx.hub import HUB_ID, hub_unavailable
 from jobbert_onnx.manifest import sha256_file
 
 ROUTES = ("anchor", "positive")

@@ -1,15 +1,16 @@
-"""`Encoder`: the public API, a drop-in for `SentenceTransformer.encode(..., task=...)`."""
+"""`Encoder` on an export folder: a drop-in for `SentenceTransformer.encode(..., task=...)`.
+
+`jobbert_onnx.Encoder` (in `jobbert_onnx.loading`) adds loading by hub id or
+sentence-transformers folder."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Hashable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from jobbert_onnx.cache import resolve_model
 from jobbert_onnx.errors import UsageError, WrongTypeError
 from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
 from jobbert_onnx.runtime.batching import BatchPlan, plan_batches
@@ -22,18 +23,14 @@ from jobbert_onnx.runtime.tokenize import Batch, TextTokenizer, Tokenized
 from jobbert_onnx.runtime.tuning import Tuning
 from jobbert_onnx.vectors import cosine_matrix, normalize
 
+if TYPE_CHECKING:
+    from typing import Self  # Python 3.11+; annotations only, so 3.10 runs this
+
 # Texts tokenized together; batches are formed (longest first) within such a chunk.
 TOKENIZE_CHUNK = 8192
 # Texts per graph run unless the caller says otherwise (sentence-transformers' default too).
 DEFAULT_BATCH_SIZE = 32
 _Key = TypeVar("_Key", bound=Hashable)
-_LOGGER = logging.getLogger("jobbert_onnx")
-
-
-def _log(line: str) -> None:
-    """Export steps of a first load: the first line at WARNING, so that a load that takes
-    minutes says why even where logging is not set up; the rest at INFO."""
-    _LOGGER.log(logging.WARNING if line.startswith("exporting ") else logging.INFO, line)
 
 
 def distinct(items: list[_Key]) -> tuple[list[_Key], np.ndarray | None]:
@@ -106,26 +103,19 @@ class Encoder:
     @classmethod
     def load(
         cls,
-        source: str | Path,
+        folder: str | Path,
         device: str = "auto",
         precision: str | None = None,
         threads: int | None = None,
         *,
         verify: bool = True,
         tuning: Tuning | None = None,
-        revision: str | None = None,
-        cache_dir: str | Path | None = None,
-        allow_pickle: bool = False,
-    ) -> Encoder:
-        """Load an export folder, or a model by hub id or sentence-transformers folder.
-
-        A hub id (``TechWolf/JobBERT-v3``) or a sentence-transformers folder is exported
-        once into a cache (which needs the ``[export]`` extra), and later loads reuse that
-        export after checking it against the model's weights; see `jobbert_onnx.cache`.
+    ) -> Self:
+        """Load an export folder (`jobbert_onnx.Encoder.load` also takes hub ids and
+        sentence-transformers folders, exporting them once into a cache).
 
         Args:
-            source: An export folder written by `jobbert-onnx export`, a hub id, or a
-                sentence-transformers folder.
+            folder: An export folder written by `jobbert-onnx export`.
             device: ``"auto"`` (CUDA when it really loads, else the CPU, with a
                 warning), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
             precision: Encoder variant (``fp16``, ``fp32``, ``int8``); default: fp16 on
@@ -135,23 +125,13 @@ class Encoder:
                 (about a second per GB); False skips it for the fastest start-up.
             tuning: Batching and run options (`Tuning`); fields left at None, and a None
                 `tuning`, take the device's defaults.
-            revision: Branch, tag or commit, for a hub id.
-            cache_dir: Where exports of hub ids and folders are cached (default:
-                ``$JOBBERT_ONNX_CACHE``, ``$HF_HOME/jobbert-onnx``, ``$XDG_CACHE_HOME/jobbert-onnx``
-                or ``~/.cache/jobbert-onnx``).
-            allow_pickle: Let an export read ``pytorch_model.bin`` (only for trusted sources).
 
         Raises:
             ManifestError: The folder is not a complete export, lacks `precision`, or a file
                 does not match its sha256.
             DeviceError: ``device="cuda"`` and CUDA cannot be used here.
             UsageError: A `tuning` value is out of range or does not fit the device.
-            MissingExtraError: `source` needs exporting and the ``[export]`` extra is not installed.
-            SourceUnavailableError: Offline, with neither a cached export nor the model's files.
         """
-        folder = resolve_model(
-            source, revision=revision, precision=precision, cache_dir=cache_dir, allow_pickle=allow_pickle, log=_log
-        ).folder
         manifest = read_manifest(folder)
         resolved = choose_device(device, manifest.path(POOLING_FILE))
         variant = manifest.choose_variant(resolved.kind, precision)

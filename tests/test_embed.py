@@ -127,7 +127,15 @@ def test_errors_name_the_fix(model: Path, tmp_path: Path) -> None:
 def _cli_embed(model: Path, source: Path, output: Path, *extra: str) -> subprocess.Popen[str]:
     command = [sys.executable, "-m", "jobbert_onnx.cli", "embed", str(model), str(source), str(output)]
     command += ["--task", "anchor", "--device", "cpu", "--precision", "fp32", "--chunk-rows", "64", "--quiet", *extra]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job starts with SIGINT ignored, which children inherit: restore the default, as a
+    # terminal gives it, so that Ctrl-C is what the test sends wherever the suite runs.
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _parts_done(output: Path) -> int:

@@ -45,10 +45,12 @@ def tree_rss(pid: int) -> int:
     return total
 
 
-def measure(model: str, precision: str | None) -> dict[str, Any]:
-    """Run one export and return its peak memory, wall time and the peak of each logged step."""
+def measure(model: str, precision: str | None, output: Path | None = None) -> dict[str, Any]:
+    """Run one export (into `output`, or a temporary folder) and return its peak memory, wall
+    time, the peak of each logged step and the sha256 of each file written."""
     with tempfile.TemporaryDirectory(prefix="export-memory-") as scratch:
-        command = [sys.executable, "-m", "jobbert_onnx.cli", "export", model, str(Path(scratch) / "export")]
+        folder = output or Path(scratch) / "export"
+        command = [sys.executable, "-m", "jobbert_onnx.cli", "export", model, str(folder)]
         if precision:
             command += ["--precision", precision]
         before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
@@ -78,6 +80,7 @@ def measure(model: str, precision: str | None) -> dict[str, Any]:
         sampler.join()
         if returncode != 0:
             raise SystemExit(f"the export failed ({returncode}):\n{''.join(output[-20:])}")
+        manifest = json.loads((folder / "manifest.json").read_text())
         peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     # ru_maxrss of children is the largest of any child so far; a larger earlier child would hide this one.
     if peak_kib == before and before > 0:
@@ -85,6 +88,8 @@ def measure(model: str, precision: str | None) -> dict[str, Any]:
     return {
         "peak_bytes": peak_kib * 1024,
         "seconds": round(elapsed, 1),
+        # What was written, to compare exports of two versions of the exporter.
+        "files_sha256": {name: facts["sha256"] for name, facts in manifest["files"].items()},
         "steps": [
             {"step": step["step"], "at_s": step["at_s"], "peak_gib": round(step["peak_bytes"] / 2**30, 2)}
             for step in steps

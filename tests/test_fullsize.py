@@ -8,13 +8,25 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_close, parity_texts
+from conftest import FULL_EXPORT_RUN, assert_close, parity_texts
 
 from jobbert_onnx import Encoder
 from jobbert_onnx.manifest import encoder_file
 from jobbert_onnx.vectors import row_cosines as cosines
 
 pytestmark = pytest.mark.fullsize
+
+
+# The export's peak resident memory, children included (ru_maxrss): about 3.5x the 1.1 GB of fp32 weights.
+EXPORT_PEAK_BYTES = 4e9
+
+
+def test_the_full_size_export_peaks_under_4_gb(full_exports: dict[str, Path]) -> None:
+    if not FULL_EXPORT_RUN:
+        pytest.skip("the export was given (--full-export), so its memory was not measured here")
+    peak = FULL_EXPORT_RUN["peak_bytes"]
+    steps = ", ".join(f"{step['step'][:40]!r}: {step['peak_gib']} GiB" for step in FULL_EXPORT_RUN["steps"])
+    assert peak <= EXPORT_PEAK_BYTES, f"the full-size export peaked at {peak / 1e9:.2f} GB; by step: {steps}"
 
 
 def test_full_size_is_fused_once_per_layer(full_exports: dict[str, Path]) -> None:

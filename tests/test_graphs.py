@@ -102,3 +102,73 @@ def test_a_graph_without_fused_attention_is_refused() -> None:
     )
     with pytest.raises(SetupError, match="do not share one ReduceSum mask input"):
         graphs.set_attention_mask(model, "2d")
+
+
+def test_the_word_embedding_table_stays_out_of_the_intermediate_graphs(fused_encoder: Path, tiny_exports: dict) -> None:
+    """The traced and fused graphs refer to the table in a file beside them (so the passes' copies of
+    them leave it out), onnxruntime runs them as they are, and the fp32 variant takes it back exactly."""
+    from jobbert_onnx.export.embedding_table import WORD_EMBEDDINGS_FILE, detached_table
+
+    table_bytes = (fused_encoder.parent / WORD_EMBEDDINGS_FILE).stat().st_size
+    assert table_bytes == 250_002 * 32 * 4
+    assert fused_encoder.stat().st_size < table_bytes / 4, "the fused graph holds the table"
+    graph = onnx.load(str(fused_encoder), load_external_data=False)
+    assert detached_table(graph) is not None and detached_table(graph).name.endswith("word_embeddings.weight")
+    ids = np.array([[0, 250_001, 17, 2], [0, 5, 2, 1]], dtype=np.int64)
+    feeds = {INPUT_IDS: ids, ATTENTION_MASK: (ids != 1).astype(np.int64)}
+    fp32 = tiny_exports[("router", "fp32")] / "encoder.fp32.onnx"
+    assert detached_table(onnx.load(str(fp32), load_external_data=False)) is None
+    assert_close(_session(fused_encoder).run(None, feeds)[0], _session(fp32).run(None, feeds)[0], 1e-5, "fused vs fp32")
+
+
+def test_the_fp16_variant_is_onnxruntimes_conversion_of_the_whole_graph(tiny_exports: dict) -> None:
+    """The table is converted apart (a stand-in goes through the converter): the result must be what the
+    converter makes of the whole fp32 graph, initializer for initializer and node for node."""
+    from onnx import numpy_helper
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    folder = tiny_exports[("router", "fp16")]
+    whole = onnx.load(str(folder / "encoder.fp32.onnx"))
+    graphs.fuse_split_layer_norms(whole)
+    graphs.set_attention_mask(whole, graphs.DEFAULT_ATTENTION_MASK["fp16"])
+    converted = OnnxModel(whole)
+    converted.convert_float_to_float16(keep_io_types=True)
+    expected, got = converted.model.graph, onnx.load(str(folder / "encoder.fp16.onnx")).graph
+    assert [(n.op_type, list(n.input), list(n.output)) for n in got.node] == [
+        (n.op_type, list(n.input), list(n.output)) for n in expected.node
+    ]
+    assert [t.name for t in got.initializer] == [t.name for t in expected.initializer]
+    for mine, theirs in zip(got.initializer, expected.initializer, strict=True):
+        a, b = numpy_helper.to_array(mine), numpy_helper.to_array(theirs)
+        assert a.dtype == b.dtype and np.array_equal(a, b), mine.name
+    assert {v.name: v for v in got.value_info} == {v.name: v for v in expected.value_info}
+
+
+def test_int8_embeddings_from_the_detached_table_equal_those_from_the_graph(tmp_path: Path) -> None:
+    from onnx import TensorProto, helper, numpy_helper
+
+    from jobbert_onnx.export.embedding_table import WORD_EMBEDDINGS_FILE, refer_to_table
+    from jobbert_onnx.export.int8_graph import row_wise_embeddings
+
+    rows, hidden = 40_000, 8  # more rows than one block
+    table = np.random.default_rng(0).standard_normal((rows, hidden)).astype(np.float32)
+    table[7] = 0.0
+    node = helper.make_node("Gather", ["embeddings.word_embeddings.weight", INPUT_IDS], ["looked_up"])
+    graph = helper.make_graph(
+        [node],
+        "lookup",
+        [helper.make_tensor_value_info(INPUT_IDS, TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("looked_up", TensorProto.FLOAT, ["b", "s", hidden])],
+        [numpy_helper.from_array(table, "embeddings.word_embeddings.weight")],
+    )
+    whole = helper.make_model(graph)
+    detached = onnx.ModelProto()
+    detached.CopyFrom(whole)
+    table.tofile(tmp_path / WORD_EMBEDDINGS_FILE)
+    refer_to_table(detached, rows, hidden)
+    with pytest.raises(ValueError, match="pass the folder"):
+        row_wise_embeddings(detached)
+    assert row_wise_embeddings(whole) == row_wise_embeddings(detached, tmp_path) == rows
+    assert [t.SerializeToString() for t in whole.graph.initializer] == [
+        t.SerializeToString() for t in detached.graph.initializer
+    ]

@@ -10,6 +10,14 @@ Pooling and the heads are small enough to write directly; they stay in fp32 in
 every precision, so the masked sum, the division by the token count, and the
 Dense + Tanh keep full precision.
 
+The word-embedding table (250,002 x 768: two thirds of JobBERT-v3's weights) stays
+out of the graphs while they are traced, fused and rewritten: the trace writes it to
+`embedding_table.WORD_EMBEDDINGS_FILE` beside the graph, which refers to it as ONNX external data,
+so every in-memory copy those passes make (shape inference, the optimizer's) leaves
+it out, and each variant takes it back only when it is written out, in its own
+precision (`attach_word_embeddings`). onnxruntime runs the intermediate graphs as
+they are, reading the table from the file.
+
 The fused Attention nodes learn about padding from a mask input whose form
 decides which attention kernel onnxruntime may run (`ATTENTION_MASKS`). The
 tokenizer pads on the right, so every form below describes the same padding.
@@ -27,6 +35,12 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from jobbert_onnx.errors import SetupError, UsageError
+from jobbert_onnx.export.embedding_table import (
+    WORD_EMBEDDINGS_FILE,
+    attach_word_embeddings,
+    detached_table,
+    refer_to_table,
+)
 from jobbert_onnx.export.graph_edit import topological_sort
 from jobbert_onnx.export.hf import load_encoder
 from jobbert_onnx.export.quantize import Calibration, write_int8
@@ -54,14 +68,32 @@ DEFAULT_ATTENTION_MASK = {"fp16": "lengths-starts", "fp32": "lengths", "int8": "
 # fp16 keeps the fused node, whose CUDA kernel is the point of fusing.
 SPLIT_SKIP_NORMS = frozenset({"fp32", "int8"})
 _SPLIT_MARK = "split from SkipLayerNormalization for the CPU"
+# Rows of the stand-in table the trace sees: more than any token id of the trace input.
+_TRACE_ROWS = 16
 
 
 def export_encoder(spec: ModelSpec, path: Path) -> None:
-    """Trace the encoder to an fp32 ONNX graph with dynamic batch and sequence axes."""
+    """Trace the encoder to an fp32 ONNX graph with dynamic batch and sequence axes; its
+    word-embedding table goes to `WORD_EMBEDDINGS_FILE` beside it (`embedding_table`)."""
     import torch
 
     # Eager attention traces to the pattern onnxruntime's optimizer fuses into Attention.
     model = load_encoder(spec, attention="eager")
+    # The trace sees a stand-in table; the real one goes to a file the graph refers to.
+    table = model.get_input_embeddings().weight.detach().numpy()
+    rows, hidden = table.shape
+    table.astype(np.float32, copy=False).tofile(path.parent / WORD_EMBEDDINGS_FILE)
+    del table
+    model.set_input_embeddings(torch.nn.Embedding(_TRACE_ROWS, hidden))
+    _trace(model, int(spec.encoder_config["pad_token_id"]), path)
+    del model
+    graph = onnx.load(str(path))
+    refer_to_table(graph, rows, hidden)
+    onnx.save(graph, str(path))
+
+
+def _trace(model: Any, pad: int, path: Path) -> None:
+    import torch
 
     class TokenEmbeddings(torch.nn.Module):
         def __init__(self) -> None:
@@ -73,7 +105,6 @@ def export_encoder(spec: ModelSpec, path: Path) -> None:
 
     # A trace input with padding, so the mask path is exercised while tracing; the ids
     # only need to differ from the pad id (XLM-R numbers positions by comparing with it).
-    pad = int(spec.encoder_config["pad_token_id"])
     real = [token for token in range(3, 10) if token != pad]
     ids = torch.tensor([real[:5], [*real[:3], pad, pad]], dtype=torch.int64)
     mask = (ids != pad).to(torch.int64)
@@ -109,7 +140,7 @@ def fuse_encoder(raw: Path, out: Path, spec: ModelSpec) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = optimize_model(
-            str(raw),
+            onnx.load(str(raw), load_external_data=False),
             model_type="bert",
             num_heads=int(config["num_attention_heads"]),
             hidden_size=int(config["hidden_size"]),
@@ -271,7 +302,8 @@ def write_variant(
     facts: dict[str, Any] = {"attention_mask": form}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = onnx.load(str(fused))
+        # The word-embedding table, where the graph refers to it, is read only as the variant is written.
+        model = onnx.load(str(fused), load_external_data=False)
         if form != "lengths":
             set_attention_mask(model, form)
         if precision in SPLIT_SKIP_NORMS:
@@ -279,18 +311,15 @@ def write_variant(
         else:
             fuse_split_layer_norms(model)
         if precision == "fp32":
+            attach_word_embeddings(model, fused.parent)
             onnx.save(model, str(out))
         elif precision == "fp16":
-            from onnxruntime.transformers.onnx_model import OnnxModel
-
-            half = OnnxModel(model)
-            half.convert_float_to_float16(keep_io_types=True)
-            half.save_model_to_file(str(out))
+            _write_fp16(model, fused.parent, out)
         elif calibration is None:
             raise ValueError("the int8 variant needs calibration texts to choose its smoothing")
         else:
-            # The quantizer reads the graph from a file, several times.
-            staged = out.with_name(out.name + ".staged.onnx")
+            # The quantizer reads the graph from a file, several times; beside the table it refers to.
+            staged = fused.with_name(f"{out.stem}.staged.onnx")
             onnx.save(model, str(staged))
             del model
             try:
@@ -298,6 +327,32 @@ def write_variant(
             finally:
                 staged.unlink(missing_ok=True)
     return {"nodes": fused_node_counts(onnx.load(str(out), load_external_data=False)), **facts}
+
+
+def _write_fp16(model: onnx.ModelProto, folder: Path, out: Path) -> None:
+    """Convert to fp16 with onnxruntime's converter (inputs and outputs kept), and write.
+
+    A detached word-embedding table is converted apart: the converter is given a one-row
+    stand-in (it reads every initializer it converts, and makes copies of the whole
+    graph), and the table, converted with the converter's own clamping, takes the
+    stand-in's place, with the shape the converter recorded for it corrected.
+    """
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    detached = detached_table(model)
+    if detached is not None:
+        name, shape = detached.name, list(detached.dims)
+        detached.CopyFrom(numpy_helper.from_array(np.zeros((1, shape[1]), dtype=np.float32), name))
+    half = OnnxModel(model)
+    half.convert_float_to_float16(keep_io_types=True)
+    if detached is not None:
+        refer_to_table(half.model, *shape)
+        attach_word_embeddings(half.model, folder, TensorProto.FLOAT16)
+        for info in half.model.graph.value_info:
+            if info.name == name:
+                for dim, size in zip(info.type.tensor_type.shape.dim, shape, strict=True):
+                    dim.dim_value = size
+    half.save_model_to_file(str(out))
 
 
 def fused_node_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -31,10 +31,14 @@ The word-embedding table is stored in int8 with one scale per row (token).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from pathlib import Path
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from jobbert_onnx.export.embedding_table import detached_table, table_blocks
 from jobbert_onnx.export.graph_edit import topological_sort
 
 # Weight levels: [-63, 63] keeps u8 x s8 pair sums below 2^15 (see the module docstring).
@@ -201,18 +205,32 @@ def per_token_products(model: onnx.ModelProto, levels: int = WEIGHT_LEVELS) -> i
     return done
 
 
-def row_wise_embeddings(model: onnx.ModelProto) -> int:
-    """Store the word-embedding table as int8 with a scale per row, in place; returns its rows (0: none found)."""
+def row_wise_embeddings(model: onnx.ModelProto, folder: Path | None = None) -> int:
+    """Store the word-embedding table as int8 with a scale per row, in place; returns its rows (0: none found).
+
+    A table detached into `folder` (`embedding_table`) is read from there, a block of rows at a time.
+    """
     weights = {tensor.name: tensor for tensor in model.graph.initializer}
     for node in model.graph.node:
         if node.op_type != "Gather" or "word_embeddings" not in node.input[0] or node.input[0] not in weights:
             continue
-        table = numpy_helper.to_array(weights[node.input[0]])
-        scale = (np.maximum(np.abs(table).max(1), 1e-12) / 127).astype(np.float32)
-        quantized = np.clip(np.round(table / scale[:, None]), -127, 127).astype(np.int8)
+        tensor = weights[node.input[0]]
+        detached = detached_table(model)
+        if detached is not None and detached.name == tensor.name:
+            if folder is None:
+                raise ValueError("the word-embedding table is detached: pass the folder that holds it")
+            blocks: Iterable[tuple[int, np.ndarray]] = table_blocks(tensor, folder)
+        else:
+            blocks = [(0, numpy_helper.to_array(tensor))]
+        quantized = np.empty(tuple(tensor.dims), dtype=np.int8)
+        scale = np.empty((quantized.shape[0], 1), dtype=np.float32)
+        for start, table in blocks:
+            rows = slice(start, start + len(table))
+            scale[rows, 0] = np.maximum(np.abs(table).max(1), 1e-12) / 127
+            quantized[rows] = np.clip(np.round(table / scale[rows]), -127, 127)
         name, ids, looked_up = node.input[0], node.input[1], node.output[0]
-        weights[name].CopyFrom(numpy_helper.from_array(quantized, f"{name}_int8"))
-        model.graph.initializer.append(numpy_helper.from_array(scale[:, None], f"{name}_row_scale"))
+        tensor.CopyFrom(numpy_helper.from_array(quantized, f"{name}_int8"))
+        model.graph.initializer.append(numpy_helper.from_array(scale, f"{name}_row_scale"))
         node.input[0], node.output[0] = f"{name}_int8", f"{looked_up}_int8"
         model.graph.node.extend(
             [
@@ -221,5 +239,5 @@ def row_wise_embeddings(model: onnx.ModelProto) -> int:
                 helper.make_node("Mul", [f"{looked_up}_unscaled", f"{looked_up}_scale"], [looked_up]),
             ]
         )
-        return int(table.shape[0])
+        return int(quantized.shape[0])
     return 0

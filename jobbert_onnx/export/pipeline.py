@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import platform
 import shutil
@@ -34,6 +35,7 @@ from jobbert_onnx.manifest import (
     head_file,
     sha256_file,
 )
+from jobbert_onnx.runtime.memory import trim_heap
 
 
 def _version(package: str) -> str | None:
@@ -171,12 +173,18 @@ def export_model(
     try:
         write_tokenizer(spec, work / TOKENIZER_FILE)
         calibration = Calibration(work / TOKENIZER_FILE, samples.calibration_sample())
+        log("tracing the encoder ...")
         graphs.export_encoder(spec, trace / "encoder.raw.onnx")
+        _release()
+        log("fusing ...")
         graphs.fuse_encoder(trace / "encoder.raw.onnx", fused, spec)
         (trace / "encoder.raw.onnx").unlink()
+        _release()
         variants = {}
         for name in precisions:
+            log(f"writing the {name} encoder ...")
             variants[name] = graphs.write_variant(fused, work / encoder_file(name), name, masks[name], calibration)
+            _release()
             log(f"encoder {name}: {variants[name]}")
         graphs.write_pooling(work / POOLING_FILE, spec.hidden_size)
         for route, head in spec.heads.items():
@@ -203,6 +211,7 @@ def export_model(
 
         log("validating against the PyTorch model ...")
         expected = Expected.compute(TorchReference(spec), samples.validation_sample(), tuple(spec.heads))
+        _release()
         figures = validate_export(work, expected, validate_device)
         _log_figures(figures, log)
         failed = [name for name, variant in figures["variants"].items() if not variant["passed"]]
@@ -237,6 +246,13 @@ def export_model(
         shutil.rmtree(trace, ignore_errors=True)
     log(f"wrote {output} in {time.perf_counter() - started:.0f}s")
     return manifest
+
+
+def _release() -> None:
+    """Give the memory a step freed back to the OS, so that the steps' peaks do not add up: the
+    graphs' protobuf copies are freed into the C heap, where glibc would otherwise keep them."""
+    gc.collect()
+    trim_heap()
 
 
 def _variant_entry(name: str, facts: dict[str, Any]) -> dict[str, Any]:

@@ -41,6 +41,7 @@ from jobbert_onnx.export.int8_graph import (
     row_wise_embeddings,
     split_attention,
 )
+from jobbert_onnx.runtime.memory import trim_heap
 from jobbert_onnx.vectors import row_cosines
 
 # Smoothing strengths tried (0.5 is SmoothQuant's default); each costs one quantization.
@@ -87,7 +88,7 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
         calibration: Texts whose activations set the smoothing scales and judge the alphas.
         alphas: Smoothing strengths to try beside none; ``()`` quantizes without smoothing.
     """
-    model = onnx.load(str(fused))
+    model = onnx.load(str(fused), load_external_data=False)
     products = _products(model)
     maxima = _channel_maxima(fused, sorted({node.input[0] for node in products}), calibration)
     outliers = {node.name for node in products if _has_outliers(maxima[node.input[0]])}
@@ -100,11 +101,11 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
     with tempfile.TemporaryDirectory(prefix="jobbert-onnx-int8-", dir=out.parent) as scratch:
         candidates: tuple[float | None, ...] = (None, *alphas) if outliers else (None,)
         for alpha in candidates:
-            model = onnx.load(str(fused))
+            model = onnx.load(str(fused), load_external_data=False)
             if alpha is not None:
                 _smooth(model, maxima, outliers, alpha)
             facts = {
-                "word_embedding_rows": row_wise_embeddings(model),
+                "word_embedding_rows": row_wise_embeddings(model, fused.parent),
                 "attention_split": split_attention(model),
             }
             flatten_tokens(model)
@@ -112,6 +113,7 @@ def write_int8(fused: Path, out: Path, calibration: Calibration, alphas: tuple[f
             candidate = Path(scratch) / "candidate.onnx"
             onnx.save(model, str(candidate))
             del model
+            trim_heap()  # so that the candidates' graphs do not pile up in the C heap
             cosines = row_cosines(_pooled(candidate, calibration), reference)
             score = (float(cosines.min()), float(cosines.mean()))
             tried[str(alpha)] = {"min_cosine": score[0], "mean_cosine": score[1]}
@@ -173,13 +175,16 @@ def _channel_maxima(fused: Path, names: list[str], calibration: Calibration) -> 
     """Largest |value| of every channel of the named tensors over the calibration texts' real tokens."""
     import onnxruntime as ort
 
-    model = onnx.load(str(fused))
+    model = onnx.load(str(fused), load_external_data=False)
     for name in names:
         model.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    del model
+    # From a file beside `fused`, where the word-embedding table it may refer to is.
+    with tempfile.NamedTemporaryFile(suffix=".onnx", dir=fused.parent) as probe:
+        onnx.save(model, probe.name)
+        del model
+        session = ort.InferenceSession(probe.name, options, providers=["CPUExecutionProvider"])
     maxima: dict[str, np.ndarray] = {}
     for input_ids, mask in calibration.batches():
         outputs = session.run(names, {"input_ids": input_ids, "attention_mask": mask})

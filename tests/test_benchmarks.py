@@ -41,6 +41,7 @@ def test_workloads_are_seeded_and_skill_lists_are_40_to_80_tokens(tiny_exports: 
     assert (lengths >= 64).mean() >= 0.3 and lengths.max() <= 80 + 40, lengths
 
 
+@pytest.mark.slow
 def test_suite_runs_and_reports_quality(tmp_path: Path) -> None:
     command = [sys.executable, "-m", "benchmarks", "--quick", "--tiny", "--no-peers"]
     command += ["--only", "jobbert-onnx int8,jobbert-onnx fp32"]

@@ -75,6 +75,7 @@ def test_a_folder_is_exported_once_then_reused(source: Path, tmp_path: Path, enc
     np.testing.assert_allclose(loaded.encode(TEXTS), encoder_fp32.encode(TEXTS), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_changed_weights_are_exported_again(source: Path, tmp_path: Path) -> None:
     from safetensors.numpy import load_file, save_file
 
@@ -123,6 +124,7 @@ def test_the_cache_folder_follows_the_environment(monkeypatch: pytest.MonkeyPatc
     assert default_cache_dir() == tmp_path / "mine"
 
 
+@pytest.mark.slow
 def test_a_hub_id_offline_exports_from_the_hub_cache_then_loads_without_it(
     tiny_models: dict[str, Path], tmp_path: Path, encoder_fp32: Encoder
 ) -> None:
@@ -191,6 +193,7 @@ def test_without_the_export_extra_a_cached_export_loads(source: Path, tmp_path: 
     assert _last_json(_python(script, {CACHE_ENV: str(cache)}))["folder"] == str(made.folder)
 
 
+@pytest.mark.slow
 def test_two_processes_racing_export_once(source: Path, tmp_path: Path) -> None:
     script = f"""
 import json
@@ -214,6 +217,7 @@ print(json.dumps({{"exported": resolved.exported, "folder": str(resolved.folder)
     assert results[0]["folder"] == results[1]["folder"]
 
 
+@pytest.mark.slow
 def test_a_failed_export_leaves_no_entry(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from jobbert_onnx.export import pipeline
 
@@ -229,6 +233,7 @@ def test_a_failed_export_leaves_no_entry(source: Path, tmp_path: Path, monkeypat
     assert resolve_model(source, precision="fp32", cache_dir=cache).exported
 
 
+@pytest.mark.slow
 def test_a_killed_export_is_cleaned_up_by_the_next(source: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     script = f"""
@@ -248,6 +253,7 @@ resolve_model({str(source)!r}, precision="fp32", cache_dir={str(cache)!r})
     assert not list((cache / "exports").glob(".*.partial-*")), "the next export removed what the killed one left"
 
 
+@pytest.mark.slow
 def test_the_cli_takes_a_model_folder_and_a_cache_dir(source: Path, tmp_path: Path, encoder_fp32: Encoder) -> None:
     out = tmp_path / "v.npy"
     result = subprocess.run(

@@ -86,6 +86,7 @@ def test_auto_fails_instead_of_falling_back_when_cuda_is_required(
         Encoder.load(tiny_exports[("router", "fp32")], device="auto")
 
 
+@pytest.mark.slow
 def test_export_validation_says_where_it_ran(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

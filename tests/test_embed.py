@@ -142,6 +142,7 @@ def _parts_done(output: Path) -> int:
     return len(list(partial_folder(output).glob("part-*.report.json")))
 
 
+@pytest.mark.slow
 def test_killed_runs_resume_to_an_identical_file(model: Path, tmp_path: Path) -> None:
     """SIGKILL at several points, resume each time: the file equals an uninterrupted run's, byte for byte."""
     source = tmp_path / "in.txt"
@@ -182,6 +183,7 @@ def test_resume_refuses_a_different_job(model: Path, tmp_path: Path) -> None:
         _run(_job(model, source, output), resume=True)
 
 
+@pytest.mark.slow
 @pytest.mark.ray
 def test_ray_gives_the_same_file(model: Path, tmp_path: Path) -> None:
     source = tmp_path / "in.txt"

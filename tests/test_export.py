@@ -240,6 +240,7 @@ def test_non_empty_output_is_not_overwritten(tiny_models: dict, tmp_path: Path) 
         export_model(str(tiny_models["router"]), out / "notes.txt", overwrite=True, log=_quiet)
 
 
+@pytest.mark.slow
 def test_failed_validation_leaves_nothing_that_loads(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,6 +253,7 @@ def test_failed_validation_leaves_nothing_that_loads(
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_a_default_variant_that_misses_its_gate_is_left_out_not_fatal(
     tiny_models: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -297,6 +299,7 @@ def test_unknown_precision_names_the_choices(tiny_models: dict, tmp_path: Path) 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_pickled_weights_load_only_with_the_explicit_flag(
     tiny_models: dict, tiny_exports: dict, tmp_path: Path
 ) -> None:
@@ -322,6 +325,7 @@ def test_pickled_weights_load_only_with_the_explicit_flag(
         np.testing.assert_array_equal(pickled.encode(texts, task=task), reference.encode(texts, task=task))
 
 
+@pytest.mark.slow
 def test_killed_export_never_leaves_something_that_loads(tiny_models: dict, tmp_path: Path) -> None:
     import os
     import signal

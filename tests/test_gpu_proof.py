@@ -31,6 +31,7 @@ def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limits(rehearsal: Path) -> None:
     files = sorted(p.name for p in rehearsal.iterdir())
     assert all((rehearsal / name).is_file() for name in files), "files only: the device tool returns two levels"
@@ -50,6 +51,7 @@ def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limit
     assert placement["graphs"]["encoder.fp16.onnx"]["nodes_per_provider"]["CPUExecutionProvider"] > 10
 
 
+@pytest.mark.slow
 def test_the_rehearsal_measures_the_gpu_contenders_on_the_cpu(rehearsal: Path) -> None:
     bench = json.loads((rehearsal / "bench-cpu.json").read_text())
     results = {c["contender"]: c for c in bench["contenders"]}
@@ -65,6 +67,7 @@ def test_the_rehearsal_measures_the_gpu_contenders_on_the_cpu(rehearsal: Path) -
     assert "| titles >= 150,000 texts/s | not measured (rehearsal on the CPU) | - |" in summary
 
 
+@pytest.mark.slow
 def test_folding_writes_the_gpu_sections_and_refuses_a_rehearsal(rehearsal: Path, tmp_path: Path) -> None:
     (tmp_path / "benchmarks").mkdir()
     (tmp_path / "benchmarks" / "RESULTS.md").write_text(f"# Results\n\nCPU text stays.\n\n{START}\nold\n{END}\n")

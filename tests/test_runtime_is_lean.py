@@ -62,11 +62,11 @@ def test_runtime_sources_import_only_the_lean_stack() -> None:
                 assert root in allowed or root in sys.stdlib_module_names, f"{path.name} imports {name}"
 
 
-def test_the_runtime_loads_export_folders_and_the_package_loads_any_source(tiny_models: dict, tmp_path: Path) -> None:
+def test_the_runtime_loads_export_folders_only(tiny_models: dict, tiny_exports: dict) -> None:
+    """Hub ids and sentence-transformers folders are the package's `Encoder.load` (tests/test_cache.py)."""
     from jobbert_onnx import Encoder, runtime
 
     with pytest.raises(ManifestError, match="jobbert-onnx export"):
         runtime.Encoder.load(tiny_models["router"], device="cpu")
-    encoder = Encoder.load(tiny_models["router"], device="cpu", precision="fp32", cache_dir=tmp_path)
-    assert isinstance(encoder, Encoder)
-    assert encoder.encode("Data Scientist").shape == (1024,)
+    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu")
+    assert isinstance(encoder, Encoder) and encoder.encode("Data Scientist").shape == (1024,)

@@ -43,6 +43,7 @@ def _still_correct(server: ServerProcess, model_dir: Path) -> None:
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error(server: ServerProcess, tiny_exports: dict, tmp_path: Path) -> None:
     command = [sys.executable, "-m", "schemathesis.cli"] if shutil.which("schemathesis") is None else ["schemathesis"]
     result = subprocess.run(

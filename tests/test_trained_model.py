@@ -70,6 +70,7 @@ def test_the_conversion_keeps_the_trained_encoder_exactly(trained_model: Path) -
         assert wrapped.encode(texts[:4], task=task).shape == (4, 1024)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["router", "legacy-asym"])
 def test_a_bert_encoder_exports_exactly(tmp_path: Path, layout: str) -> None:
     """BertModel (positions from 0, token type 0) with both head layouts, proven against sentence-transformers."""
@@ -116,6 +117,7 @@ def _peer_vectors(encoder_file: Path, model: Path, texts: list[str], task: str, 
     return np.tanh(np.concatenate(pooled) @ head["linear.weight"].T + head["linear.bias"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "texts"), [("anchor", gate_titles()), ("positive", gate_skill_lists())])
 def test_int8_on_trained_weights_passes_its_gate_and_beats_the_peer(
     trained_model: Path, trained_export: Path, tmp_path: Path, task: str, texts: list[str]

@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.machine import cpu_name
+
 SAMPLE_SECONDS = 0.05
 
 
@@ -116,16 +118,6 @@ def markdown(result: dict[str, Any]) -> str:
     ]
     lines += [f"| {step['at_s']} | {step['step']} | {step['peak_gib']} |" for step in result["steps"]]
     return "\n".join(lines) + "\n"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv: list[str] | None = None) -> None:

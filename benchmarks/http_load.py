@@ -32,7 +32,7 @@ import onnxruntime as ort
 import orjson
 
 from benchmarks import peers, workloads
-from benchmarks.gpu_probe import cpu_name
+from benchmarks.machine import cpu_name
 
 ROOT = Path(__file__).resolve().parent.parent
 LUA_DONE = """

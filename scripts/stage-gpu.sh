@@ -21,16 +21,16 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
   -d "$dir/whl" "onnxruntime-gpu==$ver"
 whl=$(ls "$dir"/whl/onnxruntime_gpu-"$ver"-cp312-*.whl)
-python3 -m benchmarks.gpu_stage pack "$whl" "$dir"
+python3 -m benchmarks.gpu.stage pack "$whl" "$dir"
 cat > "$dir/install.sh" <<'INSTALL'
 # Sourced on the GPU machine, from the repository root: installs the staged onnxruntime-gpu into
 # /tmp/ortsite (once per machine; parts that came earlier wait in /tmp/ortparts), then points
 # PYTHONPATH at it and LD_LIBRARY_PATH at the CUDA libraries of the machine's nvidia-* packages.
 mkdir -p /tmp/ortparts
 cp .device/ort/part-* .device/ort/parts.json /tmp/ortparts/ 2>/dev/null
-python3 -m benchmarks.gpu_stage unpack /tmp/ortsite /tmp/ortparts || return 1
+python3 -m benchmarks.gpu.stage unpack /tmp/ortsite /tmp/ortparts || return 1
 export PYTHONPATH=/tmp/ortsite${PYTHONPATH:+:$PYTHONPATH}
-export LD_LIBRARY_PATH=$(python3 -m benchmarks.gpu_stage libpath)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+export LD_LIBRARY_PATH=$(python3 -m benchmarks.gpu.stage libpath)${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 python3 -c "import onnxruntime as o; print('onnxruntime', o.__version__, o.get_available_providers())"
 INSTALL
 ls -la "$dir"

@@ -12,7 +12,7 @@ if [ "${1:-}" = "--all" ]; then
     select=()
     shift
 fi
-.venv/bin/ruff check jobbert_onnx tests benchmarks
-.venv/bin/ruff format --check jobbert_onnx tests benchmarks
+.venv/bin/ruff check jobbert_onnx tests benchmarks studies
+.venv/bin/ruff format --check jobbert_onnx tests benchmarks studies
 .venv/bin/mypy
 .venv/bin/python -m pytest -rs --durations=15 "${select[@]}" "$@"

@@ -70,8 +70,8 @@ def test_suite_runs_and_reports_quality(tmp_path: Path) -> None:
 
 
 def test_graph_ab_times_each_graph_on_each_shape(tiny_exports: dict, tmp_path: Path) -> None:
-    from benchmarks import graph_ab
     from jobbert_onnx.manifest import encoder_file
+    from studies import graph_ab
 
     export = tiny_exports[("router", "int8")]
     graphs = [f"{p}={export / encoder_file(p)}" for p in ("fp32", "int8")]

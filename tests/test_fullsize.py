@@ -17,11 +17,11 @@ from jobbert_onnx.vectors import row_cosines as cosines
 pytestmark = pytest.mark.fullsize
 
 
-# The export's peak resident memory, children included (ru_maxrss): about 3.5x the 1.1 GB of fp32 weights.
+# The default export's peak resident memory (ru_maxrss): about 3.5x the 1.1 GB of fp32 weights.
 EXPORT_PEAK_BYTES = 4e9
 
 
-def test_the_full_size_export_peaks_under_4_gb(full_exports: dict[str, Path]) -> None:
+def test_the_default_full_size_export_peaks_under_4_gb(full_exports: dict[str, Path]) -> None:
     if not FULL_EXPORT_RUN:
         pytest.skip("the export was given (--full-export), so its memory was not measured here")
     peak = FULL_EXPORT_RUN["peak_bytes"]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import gpu_stage
-from benchmarks.gpu_fold import END, PREDICTIONS, START, fold
-from benchmarks.gpu_summary import targets
+from benchmarks.gpu import stage as gpu_stage
+from benchmarks.gpu.fold import END, PREDICTIONS, START, fold
+from benchmarks.gpu.summary import targets
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -153,7 +153,7 @@ def test_huge_batches_run_outside_the_cached_buffers(tiny_exports: dict) -> None
 
 def _memory(*args: str) -> dict:
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.memory", *args], capture_output=True, text=True, cwd=ROOT, check=True
+        [sys.executable, "-m", "studies.memory", *args], capture_output=True, text=True, cwd=ROOT, check=True
     )
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -69,7 +69,7 @@ def attach_word_embeddings(model: onnx.ModelProto, folder: Path, data_type: int 
         data = table.tobytes()
         del table
     else:
-        data = _table_path(tensor, folder).read_bytes()
+        data = (folder / WORD_EMBEDDINGS_FILE).read_bytes()
         _check_size(tensor, folder, len(data) // 4)
     del tensor.external_data[:]
     tensor.ClearField("data_location")
@@ -82,15 +82,11 @@ def table_blocks(tensor: onnx.TensorProto, folder: Path, rows: int = 16384) -> I
     """(first row, fp32 rows) of a detached table, a block at a time, so that whatever is computed
     from it needs no more than a block's worth of temporaries."""
     total, hidden = (int(size) for size in tensor.dims)
-    _check_size(tensor, folder, _table_path(tensor, folder).stat().st_size // 4)
-    with _table_path(tensor, folder).open("rb") as file:
+    _check_size(tensor, folder, (folder / WORD_EMBEDDINGS_FILE).stat().st_size // 4)
+    with (folder / WORD_EMBEDDINGS_FILE).open("rb") as file:
         for start in range(0, total, rows):
             count = min(rows, total - start)
             yield start, np.fromfile(file, dtype=np.float32, count=count * hidden).reshape(count, hidden)
-
-
-def _table_path(tensor: onnx.TensorProto, folder: Path) -> Path:
-    return folder / WORD_EMBEDDINGS_FILE
 
 
 def _check_size(tensor: onnx.TensorProto, folder: Path, values: int) -> None:

@@ -1,6 +1,6 @@
 """Encoder graphs alone, head to head on the CPU: the same input through each, interleaved, best of many.
 
-Usage: python -m benchmarks.graph_ab NAME=GRAPH.onnx [NAME=GRAPH.onnx ...] [--shapes 32x64,32x10,1x10] --out DIR
+Usage: python -m studies.graph_ab NAME=GRAPH.onnx [NAME=GRAPH.onnx ...] [--shapes 32x64,32x10,1x10] --out DIR
 
 For comparing two forms of one encoder (a graph edit, another quantization) or
 an encoder against a peer's, without tokenizing, pooling or heads. Every graph
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.gpu_probe import cpu_name
+from benchmarks.machine import cpu_name
 from jobbert_onnx.runtime.sessions import session_options
 
 # About this many padded tokens run per graph per round; rounds are at least 4.
@@ -59,7 +59,7 @@ def run(graphs: dict[str, Path], shapes: list[tuple[int, int]]) -> dict[str, Any
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.graph_ab", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.graph_ab", description=__doc__.splitlines()[0])
     parser.add_argument("graphs", nargs="+", help="NAME=PATH of an encoder graph with input_ids and attention_mask")
     parser.add_argument("--shapes", default="32x64,32x10,1x10", help="ROWSxTOKENS, comma-separated")
     parser.add_argument("--out", type=Path, required=True, help="folder for graph_ab.json")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = [(int(r), int(w)) for r, w in (shape.split("x") for shape in args.shapes.split(","))]
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     record = {
-        "command": "python -m benchmarks.graph_ab " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m studies.graph_ab " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": started,
         "cpu": cpu_name(),
         "onnxruntime": ort.__version__,

@@ -1,9 +1,9 @@
 """What the GPU proof asks of the machine, one question per subcommand, each printing one JSON object.
 
-    python -m benchmarks.gpu_probe env
-    python -m benchmarks.gpu_probe placement EXPORT [EXPORT_2D ...]
-    python -m benchmarks.gpu_probe capture EXPORT
-    python -m benchmarks.gpu_probe profile EXPORT
+    python -m benchmarks.gpu.probe env
+    python -m benchmarks.gpu.probe placement EXPORT [EXPORT_2D ...]
+    python -m benchmarks.gpu.probe capture EXPORT
+    python -m benchmarks.gpu.probe profile EXPORT
 
 Each runs in its own process (the proof gives each a time cap). On a machine
 without a usable GPU every subcommand still runs on the CPU provider, and what
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks.machine import cpu_name
 
 NO_GPU = "skipped: no GPU"
 _PLACED = re.compile(r"(Node\(s\)|All nodes) placed on \[(\w+)\]\. Number of nodes: (\d+)")
@@ -89,14 +91,6 @@ def env() -> dict[str, Any]:
         libraries = {line.split()[-1] for line in maps if re.search(r"lib(cud|cublas|curand|cufft|nvrtc)", line)}
         facts["cuda_libraries_loaded"] = sorted(libraries)
     return facts
-
-
-def cpu_name() -> str:
-    """The CPU model, from /proc/cpuinfo where there is one."""
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").is_file() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def _identity_graph() -> Path:

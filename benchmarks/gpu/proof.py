@@ -21,7 +21,7 @@ and the CPU provider; GPU-only parts say "skipped: no GPU". CI runs the rehearsa
 
 OUT holds at most 8 files, none in subfolders: proof.json (every step's facts),
 summary.md, log.txt, junit.xml, bench-<device>.json and bench-<device>.md.
-``python -m benchmarks.gpu_fold OUT`` folds them into benchmarks/RESULTS.md and
+``python -m benchmarks.gpu.fold OUT`` folds them into benchmarks/RESULTS.md and
 benchmarks/GPU-NOTES.md.
 """
 
@@ -38,9 +38,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu_probe import NO_GPU
+from benchmarks.gpu.probe import NO_GPU
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # Seconds per step: (full run, --quick). The full run stays within 8 minutes, --quick within 3;
 # time a step leaves unused goes to the next one.
 CAPS = {
@@ -98,7 +98,7 @@ class Proof:
         return done
 
     def probe(self, name: str, *args: str, cap: float) -> dict[str, Any]:
-        done = self.command([sys.executable, "-m", "benchmarks.gpu_probe", name, *args], cap)
+        done = self.command([sys.executable, "-m", "benchmarks.gpu.probe", name, *args], cap)
         answer: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
         return answer
 
@@ -131,7 +131,7 @@ class Proof:
     def save(self) -> None:
         self.facts["total_s"] = round(time.perf_counter() - self.started, 1)
         (self.out / "proof.json").write_text(json.dumps(self.facts, indent=2) + "\n")
-        from benchmarks.gpu_summary import summary
+        from benchmarks.gpu.summary import summary
 
         (self.out / "summary.md").write_text(summary(self.facts, self.out))
 

@@ -1,6 +1,6 @@
 """What encoding each distinct text once is worth: `embed` on a Zipf-distributed title file.
 
-    python -m benchmarks.dedup EXPORT [--rows 40000] [--out benchmarks/results/dedup]
+    python -m studies.dedup EXPORT [--rows 40000] [--out studies/results/dedup]
 
 HR data repeats itself: a dump of postings holds its most common titles thousands of
 times. The workload draws `rows` titles from the 7,155 shipped ones (en/es/de/zh) with
@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu_probe import cpu_name
+from benchmarks.machine import cpu_name
 from jobbert_onnx import Tuning, samples
 from jobbert_onnx.batch.embed import CHUNK_ROWS, EmbedJob, local_encoder, run_embed
 from jobbert_onnx.runtime.encoder import distinct
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write dedup.json here (default: print only)")
     args = parser.parse_args(argv)
     result = run(args.export, args.rows, args.zipf, args.repeats, args.precision)
-    result["command"] = "python -m benchmarks.dedup " + " ".join(argv or __import__("sys").argv[1:])
+    result["command"] = "python -m studies.dedup " + " ".join(argv or __import__("sys").argv[1:])
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,4 @@
-"""Fold a GPU proof's results into the repository: `python -m benchmarks.gpu_fold PROOF_DIR`.
+"""Fold a GPU proof's results into the repository: `python -m benchmarks.gpu.fold PROOF_DIR`.
 
 - copies the raw files to benchmarks/results/gpu/<date>-<gpu>/;
 - rewrites the GPU section of benchmarks/RESULTS.md (between its gpu-proof markers);
@@ -20,9 +20,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from benchmarks.gpu_summary import GRAPHS, OURS, targets
+from benchmarks.gpu.summary import GRAPHS, OURS, targets
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 START, END = "<!-- gpu-proof:start -->", "<!-- gpu-proof:end -->"
 
 

@@ -1,6 +1,6 @@
 """Where the outlier replica's int8 tail comes from: the replica's conditioning, or int8?
 
-Usage: python -m benchmarks.outlier_tail MODEL EXPORT [--titles 1024] [--noise 0.01,0.02] --out DIR
+Usage: python -m studies.outlier_tail MODEL EXPORT [--titles 1024] [--noise 0.01,0.02] --out DIR
 
 For each title, against the PyTorch fp32 reference (anchor head):
 
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import workloads
-from benchmarks.gpu_probe import cpu_name
+from benchmarks.machine import cpu_name
 from jobbert_onnx import Encoder, Tuning
 from jobbert_onnx.export import random_model as rm
 from jobbert_onnx.export.reference import TorchReference
@@ -124,7 +124,7 @@ def run(model: Path, export: Path, count: int, noise: list[float]) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.outlier_tail", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m studies.outlier_tail", description=__doc__.splitlines()[0])
     parser.add_argument("model", type=Path, help="the sentence-transformers folder the export was made from")
     parser.add_argument("export", type=Path, help="its export, with an int8 encoder")
     parser.add_argument("--titles", type=int, default=1024)
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     summary = run(args.model, args.export, args.titles, [float(n) for n in args.noise.split(",")])
     record = {
-        "command": "python -m benchmarks.outlier_tail " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m studies.outlier_tail " + " ".join(argv if argv is not None else sys.argv[1:]),
         "started": started,
         "cpu": cpu_name(),
         **summary,

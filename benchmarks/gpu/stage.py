@@ -2,7 +2,7 @@
 
 Here (`scripts/stage-gpu.sh` runs it):
 
-    python -m benchmarks.gpu_stage pack WHEEL .device/ort
+    python -m benchmarks.gpu.stage pack WHEEL .device/ort
 
 repacks the wheel: its 284 MB CUDA provider library xz-compressed on its own
 (about 185 MB), the rest of the wheel as an LZMA zip, both in one tar split into
@@ -10,12 +10,12 @@ parts of at most 56 MiB, with a sha256 for every part and for the whole.
 
 There (`source .device/ort/install.sh` runs it):
 
-    python3 -m benchmarks.gpu_stage unpack SITE DIR [DIR ...]
+    python3 -m benchmarks.gpu.stage unpack SITE DIR [DIR ...]
 
 finds the parts in the DIRs, names any that are missing or damaged, checks the
 whole, and unpacks onnxruntime-gpu into SITE (put first on PYTHONPATH); and
 
-    python3 -m benchmarks.gpu_stage libpath
+    python3 -m benchmarks.gpu.stage libpath
 
 prints the folders of the nvidia-* pip packages' libraries (CUDA, cuBLAS, cuDNN)
 that the machine's Python has, for LD_LIBRARY_PATH, so onnxruntime finds them

@@ -1,7 +1,7 @@
 """Memory over time: a soak of many encodes, and what one huge batch leaves behind.
 
-    python -m benchmarks.memory soak MODEL_DIR [--count 100000] [--precision int8]
-    python -m benchmarks.memory huge MODEL_DIR [--rows 2048] [--no-shrink]
+    python -m studies.memory soak MODEL_DIR [--count 100000] [--precision int8]
+    python -m studies.memory huge MODEL_DIR [--rows 2048] [--no-shrink]
 
 Each prints one JSON object. `soak` encodes `count` calls of 1-16 texts of random
 length (1-80 words from real titles and ESCO skills, so from a few tokens to

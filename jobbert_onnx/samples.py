@@ -46,7 +46,7 @@ def validation_sample() -> list[str]:
     skill lists of typical length, at the 64-token cap and far over it, one-token
     inputs, odd whitespace, and the empty string. Large enough that a variant which
     fails on about one title in a hundred fails its gate here, not in production:
-    with 80 texts, such a tail went unseen (benchmarks/RESULTS.md).
+    with 80 texts, such a tail went unseen (studies/HISTORY.md).
     """
     calibration = set(calibration_sample())
     sample: list[str] = []

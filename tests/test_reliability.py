@@ -160,7 +160,7 @@ def _memory(*args: str) -> dict:
 
 @pytest.mark.slow
 def test_resident_memory_stays_flat_over_many_encodes(tiny_exports: dict) -> None:
-    """The CI-sized soak (the 100,000-call run on the full-size model is in benchmarks/RESULTS.md)."""
+    """The CI-sized soak (the 100,000-call run is in studies/HISTORY.md)."""
     result = _memory("soak", str(tiny_exports[("router", "fp32")]), "--count", "6000", "--warmup", "1500")
     assert result["max_growth"] <= 0.05, result
 

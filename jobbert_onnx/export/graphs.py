@@ -64,7 +64,7 @@ DEFAULT_ATTENTION_MASK = {"fp16": "lengths-starts", "fp32": "lengths", "int8": "
 # The CPU variants split SkipLayerNormalization into Add + LayerNormalization: onnxruntime's
 # CPU kernel for the fused node is the slower of the two (int8 encoder, 2 cores, best of many:
 # 499 against 385 ms for 32 skill lists of 64 tokens, 93 against 84 ms for 32 titles;
-# benchmarks/RESULTS.md, "Skill lists: the gap was SkipLayerNormalization").
+# studies/HISTORY.md, "Skill lists: the gap was SkipLayerNormalization").
 # fp16 keeps the fused node, whose CUDA kernel is the point of fusing.
 SPLIT_SKIP_NORMS = frozenset({"fp32", "int8"})
 _SPLIT_MARK = "split from SkipLayerNormalization for the CPU"

@@ -145,7 +145,7 @@ def session_options(threads: int | None = None, spinning: bool = False) -> ort.S
     finished session's threads spinning for more work steal the cores the
     next session needs. On two cores, titles with int8 at batch 32 ran at
     323 texts/s without spinning and 202 with; single skill lists took 24 ms
-    instead of 54 (benchmarks/RESULTS.md).
+    instead of 54 (studies/HISTORY.md).
     """
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

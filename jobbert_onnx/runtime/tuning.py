@@ -16,12 +16,12 @@ from jobbert_onnx.runtime.batching import check_buckets
 # Length buckets: batches never cross one. On CUDA batches are also padded to their
 # bucket (few shapes for the kernels and CUDA graphs); on the CPU only to their longest
 # row, and finer buckets cut padding further. Large title batches without buckets ran at
-# a quarter of the speed (benchmarks/RESULTS.md).
+# a quarter of the speed (studies/HISTORY.md).
 CUDA_BUCKETS = (8, 16, 32, 64)
 CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
 # Batches of more padded tokens than this (512 full-length skill lists) run with buffers
 # the sessions allocate, and the call ends by shrinking onnxruntime's memory arenas
-# (benchmarks/RESULTS.md).
+# (studies/HISTORY.md).
 SHRINK_ABOVE_TOKENS = 32768
 
 
@@ -47,9 +47,9 @@ class Tuning:
         dedup: Encode each distinct text of a call once and copy its vector to the repeats
             (`encode` compares the texts, `encode_tokenized` the token ids); the vectors are the
             same either way. Default: on (HR data repeats itself; on all-distinct input the
-            check costs well under 1%, benchmarks/RESULTS.md).
+            check costs well under 1%, studies/HISTORY.md).
         spinning: Let onnxruntime's idle threads spin for work. Default: off (spinning threads
-            of one chained session slow the next one down; benchmarks/RESULTS.md).
+            of one chained session slow the next one down; studies/HISTORY.md).
         shrink_above_tokens: A batch of more padded tokens runs with buffers the sessions
             allocate, and the call then shrinks onnxruntime's memory arenas once and returns
             freed heap pages to the OS, so one huge batch does not hold its memory for the life

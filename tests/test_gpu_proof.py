@@ -152,3 +152,18 @@ def test_the_cuda_libraries_of_nvidia_packages_are_found(tmp_path: Path, monkeyp
     monkeypatch.setattr(gpu_stage.site, "getsitepackages", lambda: [str(tmp_path)])
     monkeypatch.setattr(gpu_stage.site, "getusersitepackages", lambda: str(tmp_path / "none"))
     assert gpu_stage.library_path() == f"{tmp_path}/nvidia/cu13/lib:{tmp_path}/nvidia/cudnn/lib"
+
+
+@pytest.mark.parametrize(("quick", "rehearse"), [(False, False), (True, False), (False, True)])
+def test_every_mode_benchmarks_contenders_the_benchmark_has(tmp_path: Path, quick: bool, rehearse: bool) -> None:
+    """--quick once named a contender that does not exist, so its benchmark exited at once; the
+    rehearsal never ran that branch."""
+    from benchmarks.__main__ import contenders
+    from benchmarks.gpu.proof import Proof, benchmark_argv
+
+    argv = benchmark_argv(Proof(tmp_path, tmp_path, quick=quick, rehearse=rehearse))
+    plan = argv[argv.index("--contenders") + 1]
+    known = {c["name"].lower() for c in contenders(plan, "avx2")}
+    named = argv[argv.index("--only") + 1].split(",") if "--only" in argv else []
+    assert {name.lower() for name in named} <= known, f"not in the {plan} plan: {set(named) - known}"
+    assert bool(named) == quick, "only --quick picks contenders"

@@ -214,20 +214,28 @@ def _placement(proof: Proof, cap: float) -> dict[str, Any]:
     return {"placement": placed, "cuda_graphs": captured}
 
 
-def _benchmark(proof: Proof, cap: float) -> dict[str, Any]:
+# What --quick benchmarks: ours, and the peer a GPU user would pick instead (names of `benchmarks.contenders`).
+QUICK_CONTENDERS = ("jobbert-onnx fp16", "sentence-transformers PyTorch fp16")
+
+
+def benchmark_argv(proof: Proof) -> list[str]:
+    """The benchmark's command line for this proof's mode (its time limits apart)."""
     argv = [sys.executable, "-m", "benchmarks", "--device", proof.device, "--contenders", "cuda"]
     argv += ["--model", str(proof.work / "model"), "--export", str(proof.work / "export")]
     argv += ["--work", str(proof.work / "bench"), "--out", str(proof.out), "--no-peers"]
     if proof.rehearse:
         argv += ["--tiny", "--quick", "--repeats", "3"]
     elif proof.quick:
-        argv += ["--only", "jobbert-onnx fp16,PyTorch fp16", "--titles", "10000", "--skill-lists", "5000"]
+        argv += ["--only", ",".join(QUICK_CONTENDERS), "--titles", "10000", "--skill-lists", "5000"]
         argv += ["--batch-sizes", "1024", "--repeats", "3", "--latency-calls", "300"]
     else:
         argv += ["--titles", "50000", "--skill-lists", "20000", "--batch-sizes", "32,256,1024,4096"]
         argv += ["--repeats", "3", "--latency-calls", "300"]
-    argv += ["--deadline-s", str(max(cap - 40, 10)), "--timeout", str(cap)]
-    proof.command(argv, cap)
+    return argv
+
+
+def _benchmark(proof: Proof, cap: float) -> dict[str, Any]:
+    proof.command([*benchmark_argv(proof), "--deadline-s", str(max(cap - 40, 10)), "--timeout", str(cap)], cap)
     return {"results": f"bench-{proof.device}.json"}
 
 

@@ -16,7 +16,7 @@ from onnx import helper
 
 from jobbert_onnx.manifest import EMBEDDING, POOLING_FILE, TOKENIZER_FILE, head_file, read_manifest
 from jobbert_onnx.runtime.batching import plan_batches
-from jobbert_onnx.runtime.sessions import parse_device, session_options
+from jobbert_onnx.runtime.sessions import Device, parse_device, session_options
 from jobbert_onnx.runtime.tokenize import TextTokenizer
 
 
@@ -74,9 +74,7 @@ class MergedEncoder:
     def __init__(self, folder: Path, precision: str, device: str = "cpu") -> None:
         manifest = read_manifest(folder)
         kind, index = parse_device(device)
-        providers: list = ["CPUExecutionProvider"]
-        if kind == "cuda":
-            providers = [("CUDAExecutionProvider", {"device_id": str(index)}), "CPUExecutionProvider"]
+        providers = Device("cuda" if kind == "cuda" else "cpu", index).providers()
         model = merge(folder, precision).SerializeToString()
         self.session = ort.InferenceSession(model, session_options(), providers=providers)
         self.provider = self.session.get_providers()[0]

@@ -104,3 +104,11 @@ def test_export_validation_says_where_it_ran(
         export_model(str(tiny_models["router"]), tmp_path / "required", precision="fp16", log=lines.append)
     assert not (tmp_path / "required").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["auto"], "no half-written folder is left"
+
+
+def test_cuda_sessions_ask_for_fp32_not_tf32_and_a_tight_arena() -> None:
+    (provider, options), cpu = sessions.Device("cuda", 1).providers()
+    assert (provider, cpu) == (sessions.CUDA, sessions.CPU)
+    assert options == {"device_id": "1", "arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
+    assert sessions.Device("cuda").providers(cuda_graphs=True)[0][1]["enable_cuda_graph"] == "1"
+    assert sessions.Device("cpu").providers() == [sessions.CPU]

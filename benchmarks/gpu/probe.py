@@ -131,7 +131,9 @@ def _captured_fds() -> Iterator[list[str]]:
 
 
 def _providers(on_gpu: bool) -> list[Any]:
-    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else ["CPUExecutionProvider"]
+    from jobbert_onnx.runtime.sessions import Device
+
+    return Device("cuda" if on_gpu else "cpu").providers()
 
 
 def placement(exports: list[Path]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from jobbert_onnx.export.reference import TorchReference
 from jobbert_onnx.manifest import POOLING_FILE, read_manifest
 from jobbert_onnx.runtime import Encoder
 from jobbert_onnx.runtime.chain import GraphChain
-from jobbert_onnx.runtime.sessions import resolve_device
+from jobbert_onnx.runtime.sessions import CUDA_OPTIONS, resolve_device
 from jobbert_onnx.runtime.tuning import Tuning
 from jobbert_onnx.vectors import row_cosines
 
@@ -93,6 +93,8 @@ def validate_export(
         }
         if precision == "fp16" and encoder.device.kind == "cpu":
             figures_of["note"] = FP16_ON_CPU
+        if encoder.device.kind == "cuda":
+            figures_of["cuda_options"] = dict(CUDA_OPTIONS)
         ok = True
         for route in encoder.tasks:
             got = encoder.encode(texts, task=route, batch_size=16)

@@ -37,6 +37,13 @@ _CUDA_FIX = (
 
 # Set to 1 to make device="auto" fail, rather than fall back to the CPU, where CUDA cannot be used.
 REQUIRE_CUDA_ENV = "JOBBERT_ONNX_REQUIRE_CUDA"
+# The CUDA provider's options for every session:
+# - the arena grows by what is asked, not to the next power of two (which can hold twice the
+#   memory a large batch needs);
+# - no TF32: onnxruntime's CUDA provider rounds fp32 products to TF32 (10-bit mantissa) by
+#   default, and what runs in fp32 here is meant as fp32 (the fp32 variant, and the fp16
+#   variant's pooling and heads).
+CUDA_OPTIONS = {"arena_extend_strategy": "kSameAsRequested", "use_tf32": "0"}
 # Loaded by the CUDA provider on first use rather than linked, so a missing one shows only then.
 _CUDNN = "libcudnn.so.9"
 
@@ -59,9 +66,7 @@ class Device:
 
     def providers(self, cuda_graphs: bool = False) -> list[str | tuple[str, dict[str, str]]]:
         if self.kind == "cuda":
-            # The arena grows by what is asked, not to the next power of two (which can
-            # hold twice the memory a large batch needs).
-            options = {"device_id": str(self.index), "arena_extend_strategy": "kSameAsRequested"}
+            options = {"device_id": str(self.index), **CUDA_OPTIONS}
             if cuda_graphs:
                 options["enable_cuda_graph"] = "1"
             return [(CUDA, options), CPU]

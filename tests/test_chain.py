@@ -76,6 +76,10 @@ def test_every_graph_run_carries_an_id_and_each_shape_is_checked_once(tiny_expor
     assert log.ids == ["-1", "1", "1", "1"]
     encoder.encode("Bäcker", task="anchor")
     assert log.ids[4:] == ["1"], "a checked shape replays at once"
+    encoder.encode("Bäcker", task="positive")
+    assert log.ids[5:] == ["-1", "1", "1", "1"], "the other head's graph at that shape is checked in its turn"
+    encoder.encode("Koch", task="positive")
+    assert log.ids[9:] == ["1"]
     texts = parity_texts()
     got = encoder.encode(texts, task="positive", batch_size=8)
     assert "(none)" not in log.ids, "a run without an id would capture under onnxruntime's default one"

@@ -266,9 +266,11 @@ class GraphChain:
             graph_id = self._graph_ids[shape] = str(len(self._graph_ids) + 1)
             self._shared.pinned.add(shape)
             self._options[graph_id] = _run_options("gpu_graph_id", graph_id)
-        checked: set[tuple[int, int]] = self._local.__dict__.setdefault("replayed", set())
+        # Checked per head and shape: each head's session captures its own graph under the shape's id.
+        checked: set[tuple[str, tuple[int, int]]] = self._local.__dict__.setdefault("replayed", set())
+        key = (stages[-1].key, shape)
         options = self._options[graph_id]
-        if shape in checked:
+        if key in checked:
             return self._execute(stages, buffers, options).numpy()
         reference = self._execute(stages, buffers, self._plain).numpy()
         for _ in range(CAPTURE_RUNS):
@@ -279,7 +281,7 @@ class GraphChain:
                 f"the CUDA graph captured for batch shape {shape} replays to vectors that differ from a run "
                 f"without it by {difference:.3g} (> {REPLAY_TOLERANCE}): load with cuda_graphs=False"
             )
-        checked.add(shape)
+        checked.add(key)
         return replayed
 
     @property

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import ceilings, mask_exports, peers, report, workloads
+from benchmarks.worker import SAME_ONNXRUNTIME_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every contender's vectors are compared with this one's.
@@ -166,7 +167,7 @@ def _prepare_peers(args: argparse.Namespace, model: Path) -> tuple[Path | None, 
                 [str(python), "-m", "benchmarks.prepare_st_onnx", str(target), peers.quantization_config()],
                 check=True,
                 cwd=ROOT,
-                env=_env(),
+                env=_env(python),
             )
         return python, None
     except (subprocess.CalledProcessError, OSError) as error:
@@ -185,15 +186,28 @@ def _prepare_openvino(args: argparse.Namespace, model: Path) -> tuple[Path | Non
             shutil.copytree(model, target)
             _log("exporting with sentence-transformers' OpenVINO backend (fp32, static int8 with NNCF) ...")
             subprocess.run(
-                [str(python), "-m", "benchmarks.prepare_openvino", str(target)], check=True, cwd=ROOT, env=_env()
+                [str(python), "-m", "benchmarks.prepare_openvino", str(target)], check=True, cwd=ROOT, env=_env(python)
             )
         return python, None
     except (subprocess.CalledProcessError, OSError) as error:
         return None, f"the OpenVINO peers' environment could not be built: {error}"
 
 
-def _env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "TOKENIZERS_PARALLELISM": "true"}
+def _env(python: Path | None = None) -> dict[str, str]:
+    """A child's environment. A worker in this Python keeps the inherited PYTHONPATH (on a GPU
+    machine it is what finds onnxruntime-gpu ahead of a CPU build in site-packages) and is told
+    which onnxruntime to find (`worker.check_onnxruntime`); a peer's environment gets only this
+    repository, since it has its own onnxruntime."""
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "true"}
+    env.pop(SAME_ONNXRUNTIME_ENV, None)
+    if python is not None and python != Path(sys.executable):
+        env["PYTHONPATH"] = str(ROOT)
+        return env
+    import onnxruntime as ort
+
+    env["PYTHONPATH"] = os.pathsep.join(path for path in (str(ROOT), os.environ.get("PYTHONPATH", "")) if path)
+    env[SAME_ONNXRUNTIME_ENV] = json.dumps({"version": ort.__version__, "file": ort.__file__})
+    return env
 
 
 def _log(line: str) -> None:
@@ -208,7 +222,7 @@ def _run_contender(config: dict[str, Any], python: Path, timeout: float) -> dict
         done = subprocess.run(
             [str(python), "-m", "benchmarks.worker", str(path)],
             cwd=ROOT,
-            env=_env(),
+            env=_env(python),
             capture_output=True,
             text=True,
             timeout=timeout,

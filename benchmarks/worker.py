@@ -21,6 +21,9 @@ from typing import Any
 
 import numpy as np
 
+# Set by the benchmark for workers in its own Python: the onnxruntime (version, file) they must import.
+SAME_ONNXRUNTIME_ENV = "JOBBERT_ONNX_BENCH_ONNXRUNTIME"
+
 EncodeFn = Callable[[list[str], str, int], np.ndarray]
 # A timed run longer than this is not repeated: the median of one.
 SLOW_RUN_S = 20.0
@@ -293,7 +296,23 @@ class _GpuMemory:
         return None if self.peak is None else self.peak / 2**20
 
 
+def check_onnxruntime() -> None:
+    """Fail where this worker imported another onnxruntime than the benchmark that started it."""
+    expected = os.environ.get(SAME_ONNXRUNTIME_ENV)
+    if not expected:
+        return
+    import onnxruntime as ort
+
+    want, got = json.loads(expected), {"version": ort.__version__, "file": ort.__file__}
+    if got != want:
+        raise SystemExit(
+            f"this worker imported onnxruntime {got['version']} from {got['file']}, but the benchmark runs "
+            f"{want['version']} from {want['file']}: start it with the PYTHONPATH that found that one"
+        )
+
+
 def main(argv: list[str]) -> int:
+    check_onnxruntime()
     config = json.loads(Path(argv[0]).read_text())
     result = run(config)
     (Path(config["out"]) / f"{config['slug']}.json").write_text(json.dumps(result, indent=2) + "\n")

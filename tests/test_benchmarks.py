@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -109,3 +110,30 @@ def test_the_cpu_peers_include_sentence_transformers_openvino_and_its_int8_file_
     texts = calibration_texts()
     assert len(texts) == CALIBRATION_SAMPLES and len(set(texts)) == len(texts)
     assert sum("," in text for text in texts) >= CALIBRATION_SAMPLES // 3, "skill lists as well as titles"
+
+
+def test_workers_keep_the_inherited_path_and_import_the_benchmarks_onnxruntime(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """On a GPU machine onnxruntime-gpu is found through PYTHONPATH, ahead of a CPU build in
+    site-packages: a worker given only the repository would import the CPU build."""
+    import onnxruntime as ort
+
+    from benchmarks.__main__ import _env
+    from benchmarks.worker import SAME_ONNXRUNTIME_ENV
+
+    monkeypatch.setenv("PYTHONPATH", "/staged/onnxruntime-gpu")
+    env = _env(Path(sys.executable))
+    assert env["PYTHONPATH"].split(os.pathsep) == [str(ROOT), "/staged/onnxruntime-gpu"]
+    assert json.loads(env[SAME_ONNXRUNTIME_ENV]) == {"version": ort.__version__, "file": ort.__file__}
+    peer = _env(tmp_path / "peer-venv" / "bin" / "python")  # has its own onnxruntime
+    assert peer["PYTHONPATH"] == str(ROOT) and SAME_ONNXRUNTIME_ENV not in peer
+
+    check = [sys.executable, "-c", "from benchmarks.worker import check_onnxruntime; check_onnxruntime()"]
+    assert subprocess.run(check, env=env, cwd=ROOT, capture_output=True).returncode == 0
+    shadow = tmp_path / "shadow" / "onnxruntime"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("__version__ = '0.0.0'\n")
+    shadowed = {**env, "PYTHONPATH": os.pathsep.join([str(shadow.parent), env["PYTHONPATH"]])}
+    done = subprocess.run(check, env=shadowed, cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode != 0 and "onnxruntime 0.0.0" in done.stderr and ort.__version__ in done.stderr

@@ -38,6 +38,10 @@ PREFERENCE = {"cuda": ("fp16", "fp32"), "cpu": ("int8", "fp32", "fp16")}
 #   the CPU kernel reads the first `batch` entries as the same key lengths.
 # - "2d": the [batch, sequence] 0/1 mask itself; only the unfused kernels take it.
 ATTENTION_MASKS = ("lengths", "lengths-starts", "2d")
+# "lengths-starts" is read right only by the memory-efficient kernel, which onnxruntime picks for fp16
+# (head size a multiple of 8); fp32 on CUDA falls to the unfused kernel, which takes the starts for
+# left-padding offsets, so every row after the first would attend to padding.
+STARTS_PRECISIONS = ("fp16",)
 POOLING_FILE = "pooling.onnx"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -218,6 +222,13 @@ def read_manifest(folder: str | Path) -> Manifest:
             )
             for name, facts in raw["variants"].items()
         }
+        wrong = [v.precision for v in variants.values() if v.attention_mask == "lengths-starts"]
+        wrong = [precision for precision in wrong if precision not in STARTS_PRECISIONS]
+        if wrong:
+            raise ManifestError(
+                f"{manifest_path}: the {', '.join(wrong)} encoder takes its mask as lengths and starts, which only "
+                "fp16's attention kernel reads right: export it again without --attention-mask lengths-starts"
+            )
         manifest = Manifest(
             folder=folder,
             variants=variants,

@@ -119,6 +119,21 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
     assert "note" not in manifest["variants"]["fp32"]["validation"]
 
 
+def test_lengths_and_starts_are_for_fp16_only(tiny_models: dict, tiny_exports: dict, tmp_path: Path) -> None:
+    """Only fp16's attention kernel reads the lengths-and-starts mask right; elsewhere rows attend to padding."""
+    from jobbert_onnx.errors import UsageError
+
+    with pytest.raises(UsageError, match="only by fp16's attention kernel.*export fp32 without it"):
+        export_model(str(tiny_models["router"]), tmp_path / "x", precision="fp16,fp32", attention_mask="lengths-starts")
+    folder = tmp_path / "edited"
+    shutil.copytree(tiny_exports[("router", "fp32")], folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["variants"]["fp32"]["attention_mask"] = "lengths-starts"
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ManifestError, match="the fp32 encoder takes its mask as lengths and starts"):
+        Encoder.load(folder, device="cpu", precision="fp32")
+
+
 def test_legacy_layout_is_read(tiny_models: dict) -> None:
     spec = read_model(str(tiny_models["legacy-asym"]))
     assert spec.router_kind == "Asym" and spec.default_route == "anchor"

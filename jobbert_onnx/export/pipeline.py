@@ -30,6 +30,7 @@ from jobbert_onnx.manifest import (
     POOLING_FILE,
     PRECISIONS,
     SCHEMA_VERSION,
+    STARTS_PRECISIONS,
     TOKENIZER_FILE,
     encoder_file,
     head_file,
@@ -158,6 +159,11 @@ def export_model(
         raise UsageError(
             f"the int8 variant takes the padding mask as key lengths only, not {attention_mask!r}: "
             "export int8 separately, without --attention-mask"
+        )
+    if attention_mask == "lengths-starts" and set(precisions) - set(STARTS_PRECISIONS):
+        raise UsageError(
+            "the lengths-starts mask form is read right only by fp16's attention kernel (on CUDA, fp32 would "
+            f"attend to padding): export {', '.join(sorted(set(precisions) - set(STARTS_PRECISIONS)))} without it"
         )
     masks = {name: attention_mask or graphs.DEFAULT_ATTENTION_MASK[name] for name in precisions}
     output = Path(output_dir).expanduser().resolve()

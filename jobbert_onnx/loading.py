@@ -49,19 +49,12 @@ class Encoder(runtime.Encoder):
         A hub id (``TechWolf/JobBERT-v3``) or a sentence-transformers folder is exported
         once into a cache (which needs the ``[export]`` extra), and later loads reuse that
         export after checking it against the model's weights; see `jobbert_onnx.cache`.
+        `device`, `precision`, `threads`, `verify` and `tuning` are the runtime's
+        (`jobbert_onnx.runtime.Encoder.load`).
 
         Args:
             source: An export folder written by `jobbert-onnx export`, a hub id, or a
                 sentence-transformers folder.
-            device: ``"auto"`` (CUDA when it really loads, else the CPU, with a
-                warning), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
-            precision: Encoder variant (``fp16``, ``fp32``, ``int8``); default: fp16 on
-                CUDA, and on the CPU the fastest the export holds (int8, then fp32).
-            threads: onnxruntime intra-op threads per graph (default: one per core).
-            verify: Check the sha256 of every file this encoder loads against the manifest
-                (about a second per GB); False skips it for the fastest start-up.
-            tuning: Batching and run options (`Tuning`); fields left at None, and a None
-                `tuning`, take the device's defaults.
             revision: Branch, tag or commit, for a hub id.
             cache_dir: Where exports of hub ids and folders are cached (default:
                 ``$JOBBERT_ONNX_CACHE``, ``$HF_HOME/jobbert-onnx``, ``$XDG_CACHE_HOME/jobbert-onnx``
@@ -69,10 +62,7 @@ class Encoder(runtime.Encoder):
             allow_pickle: Let an export read ``pytorch_model.bin`` (only for trusted sources).
 
         Raises:
-            ManifestError: The folder is not a complete export, lacks `precision`, or a file
-                does not match its sha256.
-            DeviceError: ``device="cuda"`` and CUDA cannot be used here.
-            UsageError: A `tuning` value is out of range or does not fit the device.
+            ManifestError, DeviceError, UsageError: As the runtime's `load`.
             MissingExtraError: `source` needs exporting and the ``[export]`` extra is not installed.
             SourceUnavailableError: Offline, with neither a cached export nor the model's files.
         """

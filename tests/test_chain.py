@@ -139,6 +139,26 @@ def test_huge_batches_run_fresh_and_the_call_shrinks_once(tiny_exports: dict) ->
     assert log.shrinks == 1, "a call without a huge batch does not shrink"
 
 
+def test_a_shrink_onnxruntime_refuses_is_logged_once_and_loses_no_vector(
+    tiny_exports: dict, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The arena names the shrink passes ("gpu:N") are onnxruntime's to accept or refuse; a refusal
+    comes after the call's last batch and must not cost the call its vectors."""
+    tuning = Tuning(reuse_buffers=True, shrink_above_tokens=100)
+    folder = tiny_exports[("router", "fp32")]
+    texts = [f"python, sql, docker {i}, " * 20 for i in range(12)]
+    expected = Encoder.load(folder, device="cpu", precision="fp32").encode(texts, batch_size=4)
+    encoder = Encoder.load(folder, device="cpu", precision="fp32", tuning=tuning)
+    encoder.chain._shrink = ort.RunOptions()
+    encoder.chain._shrink.add_run_config_entry("memory.enable_memory_arena_shrinkage", "gpu:7")
+    with caplog.at_level("WARNING", logger="jobbert_onnx"):
+        for _ in range(2):
+            assert_close(encoder.encode(texts, batch_size=4), expected, 1e-6, "after a refused shrink")
+    refusals = [r for r in caplog.records if "refused to shrink" in r.getMessage()]
+    assert len(refusals) == 1 and "shrink_above_tokens=0" in refusals[0].getMessage()
+    assert encoder.chain.shrink_failure is not None and encoder.chain.release("anchor") is False
+
+
 def test_outputs_stay_in_the_devices_memory(encoder_fp32: Encoder) -> None:
     tokenized = encoder_fp32.tokenizer.tokenize(["Software Engineer", "python, sql"])
     batch = encoder_fp32.tokenizer.pad(tokenized, np.arange(2))

@@ -112,3 +112,16 @@ def test_padded_positions_never_reach_a_vector_on_cuda(cuda_ready: None, tiny_ex
     pooled = pooling.run(None, {TOKEN_EMBEDDINGS: poisoned, "attention_mask": batch.attention_mask})[0]
     assert np.isfinite(pooled).all()
     assert np.isfinite(encoder.encode(texts)).all()
+
+
+def test_a_batch_over_the_shrink_threshold_shrinks_the_cuda_arena_and_keeps_its_vectors(
+    cuda_ready: None, tiny_exports: dict
+) -> None:
+    """600 skill lists of 64 tokens in one batch (38,400 padded tokens, above `shrink_above_tokens`):
+    the call ends with an arena shrink naming ``gpu:N``, which this onnxruntime must accept."""
+    encoder = Encoder.load(tiny_exports[("router", "fp16")], device="cuda")
+    texts = [f"python, sql, docker {i}, kubernetes, " * 12 for i in range(600)]
+    huge = encoder.encode(texts, task="positive", batch_size=600)
+    assert encoder.chain.shrink_failure is None, encoder.chain.shrink_failure
+    assert encoder.chain.release("positive") is True
+    assert_close(huge, encoder.encode(texts, task="positive", batch_size=32), 2e-3, "one huge batch against 32s")

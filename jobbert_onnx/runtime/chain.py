@@ -34,6 +34,7 @@ synchronize the device each time, and could not free the outputs still held).
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import OrderedDict
 from contextlib import AbstractContextManager, nullcontext
@@ -57,6 +58,8 @@ from jobbert_onnx.manifest import (
 from jobbert_onnx.runtime.sessions import Device, DeviceError, create_session
 from jobbert_onnx.runtime.tokenize import Batch
 from jobbert_onnx.runtime.tuning import Tuning
+
+_LOG = logging.getLogger("jobbert_onnx")
 
 # Batch shapes whose buffers are kept per thread (without CUDA graphs).
 MAX_SHAPES = 32
@@ -199,6 +202,7 @@ class GraphChain:
         self._options = {_NO_GRAPH: _run_options("gpu_graph_id", _NO_GRAPH)}
         arenas = f"gpu:{device.index};cpu:0" if device.kind == "cuda" else "cpu:0"
         self._shrink = _run_options("memory.enable_memory_arena_shrinkage", arenas)
+        self.shrink_failure: str | None = None  # why onnxruntime refused the shrink, once it has
         # Buffers are per thread, so concurrent `run`s never share them; CUDA graphs
         # replay fixed addresses, so with them there is one set, used under a lock.
         self._local = threading.local()
@@ -232,14 +236,30 @@ class GraphChain:
             values = self._execute(stages, self.fresh(batch), self._plain).buffers.values
         return {stage.output: values[stage.output] for stage in stages}
 
-    def release(self, route: str) -> None:
-        """Shrink onnxruntime's arenas once, after a call that ran huge batches (never with CUDA graphs)."""
-        if self.cuda_graphs:
-            return
+    def release(self, route: str) -> bool:
+        """Shrink onnxruntime's arenas once, after a call that ran huge batches (never with CUDA graphs).
+
+        The call's vectors are already out, so a shrink that onnxruntime refuses (an arena
+        it does not know by the name given, say) is logged once and not tried again; it
+        never fails the call. Returns whether the arenas shrank.
+        """
+        if self.cuda_graphs or self.shrink_failure is not None:
+            return False
         one = Batch(input_ids=np.full((1, 1), 0, dtype=np.int64), attention_mask=np.ones((1, 1), dtype=np.int64))
         buffers = Buffers(self._memory, (1, 1), preallocated=True)  # outside the arenas that are to shrink
         buffers.load(one)
-        self._execute(self.routes[route], buffers, self._shrink)
+        try:
+            self._execute(self.routes[route], buffers, self._shrink)
+        except Exception as error:  # onnxruntime raises its own exception types, not RuntimeError subclasses
+            self.shrink_failure = f"{type(error).__name__}: {error}"
+            _LOG.warning(
+                "onnxruntime refused to shrink its memory arenas (%s); the vectors are unaffected, "
+                "and memory that huge batches took stays reserved; pass Tuning(shrink_above_tokens=0) "
+                "to stop trying",
+                self.shrink_failure,
+            )
+            return False
+        return True
 
     def cached_shapes(self) -> int:
         """Batch shapes whose buffers this thread (or, with CUDA graphs, the chain) keeps."""

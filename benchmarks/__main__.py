@@ -49,7 +49,7 @@ def _contender(
     **options: object,
 ) -> dict[str, Any]:
     """One contender; `batch_sizes` and `repeats` narrow the run's own for it; a `quality_only` one only
-    encodes the texts whose vectors are compared (and is timed at batch 1); options go to its loader."""
+    encodes the texts whose vectors are compared, untimed; options go to its loader."""
     found: dict[str, Any] = {"name": name, "kind": kind, "env": env, "options": options, "quality_only": quality_only}
     if batch_sizes is not None:
         found["batch_sizes"] = batch_sizes

@@ -1,5 +1,7 @@
 """Copies of an export whose fp16 encoder takes the attention mask in another form, to measure the forms.
 
+    python -m benchmarks.mask_exports EXPORT FORM [FORM ...]     # e.g. lengths 2d
+
 The fp16 variant is rewritten from the export's fp32 encoder (the fused graph,
 with the optimizer's "lengths" form) by the exporter's own `write_variant`; the
 copy's manifest records the form, and the benchmark measures its vectors'
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 from jobbert_onnx.export.graphs import write_variant
@@ -51,3 +54,16 @@ def derive(export: Path, form: str) -> Path:
 
 def _same_device(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2:
+        raise SystemExit("usage: python -m benchmarks.mask_exports EXPORT FORM [FORM ...]")
+    export = Path(argv[0])
+    for form in argv[1:]:
+        print(derive(export, form))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+LATENCY_KEYS = ("p50_ms", "p90_ms", "p99_ms")
+
 
 def one_line(result: dict[str, Any]) -> str:
     if "error" in result:
@@ -11,7 +13,8 @@ def one_line(result: dict[str, Any]) -> str:
     parts = []
     for name, row in result["workloads"].items():
         best = max((t["texts_per_s"] for t in row["throughput"].values() if t), default=0.0)
-        parts.append(f"{name}: p50 {row['latency']['p50_ms']:.2f} ms, {best:.1f} texts/s")
+        p50 = "p50 not run" if row["latency"] is None else f"p50 {row['latency']['p50_ms']:.2f} ms"
+        parts.append(f"{name}: {p50}, {best:.1f} texts/s")
     return "; ".join(parts)
 
 
@@ -68,6 +71,7 @@ def markdown(document: dict[str, Any]) -> str:
                 continue
             row = result["workloads"][name]
             latency = row["latency"]
+            timed = "not run" if latency is None else " / ".join(f"{latency[k]:.2f}" for k in LATENCY_KEYS)
             rates = [(row["throughput"].get(str(b)) or {}).get("texts_per_s") for b in sizes]
             best = _best(row)
             tokens = None if best is None else best * workload["mean_tokens"]
@@ -78,7 +82,7 @@ def markdown(document: dict[str, Any]) -> str:
             cosine = row.get("cosine") or {}
             lines.append(
                 f"| {result['contender']} | {result['precision']} | "
-                f"{latency['p50_ms']:.2f} / {latency['p90_ms']:.2f} / {latency['p99_ms']:.2f} | "
+                f"{timed} | "
                 + " | ".join(_fmt(r) for r in rates)
                 + f" | {_fmt(tokens, 0)} | {share} | {result['peak_rss_mib']:,.0f} | "
                 + (f"{_measured(result.get('peak_gpu_mib'))} | " if gpu else "")

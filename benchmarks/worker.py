@@ -206,13 +206,14 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     compared = config.get("quality_texts")
     for workload, spec in config["workloads"].items():
         texts, task = spec["texts"], spec["task"]
-        row: dict[str, Any] = {"latency": _latency(encode, texts, task, config["latency_calls"]), "throughput": {}}
-        if config.get("quality_only"):
+        if config.get("quality_only"):  # the reference: vectors only, no timing
+            row: dict[str, Any] = {"latency": None}
             vectors = encode(texts[:compared], task, batch_sizes[0])
             np.save(out / f"{config['slug']}.{workload}.npy", vectors.astype(np.float32))
             row["throughput"] = {str(b): None for b in config["batch_sizes"]}
             result["workloads"][workload] = row
             continue
+        row = {"latency": _latency(encode, texts, task, config["latency_calls"]), "throughput": {}}
         for batch_size in config["batch_sizes"]:
             if batch_size not in batch_sizes or batch_size > len(texts):
                 row["throughput"][str(batch_size)] = None  # not run for this contender, or fewer texts than a batch
@@ -297,7 +298,8 @@ class _GpuMemory:
 
 
 def check_onnxruntime() -> None:
-    """Fail where this worker imported another onnxruntime than the benchmark that started it."""
+    """Fail where this process imported another onnxruntime than the one that started it
+    (a benchmark worker, or a child of the GPU proof: `benchmarks.gpu.child`)."""
     expected = os.environ.get(SAME_ONNXRUNTIME_ENV)
     if not expected:
         return
@@ -306,8 +308,8 @@ def check_onnxruntime() -> None:
     want, got = json.loads(expected), {"version": ort.__version__, "file": ort.__file__}
     if got != want:
         raise SystemExit(
-            f"this worker imported onnxruntime {got['version']} from {got['file']}, but the benchmark runs "
-            f"{want['version']} from {want['file']}: start it with the PYTHONPATH that found that one"
+            f"this process imported onnxruntime {got['version']} from {got['file']}, but the process that "
+            f"started it runs {want['version']} from {want['file']}: start it with the PYTHONPATH that found that one"
         )
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -17,17 +19,27 @@ from benchmarks.gpu.summary import targets
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("proof")
-    work = tmp_path_factory.mktemp("proof-work")
+def _rehearse(out: Path, work: Path, *flags: str) -> None:
     done = subprocess.run(
-        [str(ROOT / "scripts" / "gpu-proof.sh"), str(out), "--rehearse", "--work", str(work)],
+        [str(ROOT / "scripts" / "gpu-proof.sh"), str(out), "--rehearse", "--work", str(work), *flags],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("proof")
+    _rehearse(out, tmp_path_factory.mktemp("proof-work"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def quick_rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("proof-quick")
+    _rehearse(out, tmp_path_factory.mktemp("proof-quick-work"), "--quick")
     return out
 
 
@@ -39,12 +51,13 @@ def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limit
     assert {"proof.json", "summary.md", "log.txt", "junit.xml", "bench-cpu.json", "bench-cpu.md"} <= set(files)
     facts = json.loads((rehearsal / "proof.json").read_text())
     steps = facts["steps"]
-    assert list(steps) == ["environment", "model", "tests", "placement", "benchmark", "profile"]
+    assert list(steps) == ["environment", "model", "tests", "placement", "capture", "benchmark", "profile"]
     for name, step in steps.items():
         assert step["status"] == "ok" or step["status"].startswith("skipped: no GPU"), (name, step["status"])
-    assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 10 tests")
-    assert steps["placement"]["cuda_graphs"]["status"] == "skipped: no GPU"
-    assert steps["profile"]["profile"]["kernels_per_batch"] == "skipped: no GPU"
+    assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 11 tests")
+    assert steps["capture"]["cuda_graphs"]["status"] == "skipped: no GPU"
+    assert steps["model"]["mask_copies_s"] >= 0, "the mask forms are copied in the model step, under its cap"
+    assert steps["profile"]["profile"]["per_call"] == "skipped: no GPU"
     placement = steps["placement"]["placement"]
     assert set(placement["attention"]) == {"lengths-starts", "lengths", "2d"}
     assert all(seen["nonfinite_at_padded_positions"] == 0 for seen in placement["attention"].values())
@@ -65,6 +78,98 @@ def test_the_rehearsal_measures_the_gpu_contenders_on_the_cpu(rehearsal: Path) -
     assert all(point is None for point in reference["throughput"].values()), "the reference only gives vectors"
     summary = (rehearsal / "summary.md").read_text()
     assert "| titles >= 150,000 texts/s | not measured (rehearsal on the CPU) | - |" in summary
+
+
+@pytest.mark.slow
+def test_the_rehearsal_imports_onnxruntime_from_a_folder_that_shadows_site_packages(rehearsal: Path) -> None:
+    """The GPU machine's layout: the staged onnxruntime-gpu on PYTHONPATH ahead of the image's CPU build."""
+    facts = json.loads((rehearsal / "proof.json").read_text())
+    own = facts["proof_process"]["onnxruntime"]["file"]
+    assert "shadow-site" in own and facts["steps"]["environment"]["facts"]["onnxruntime_file"] == own
+    bench = json.loads((rehearsal / "bench-cpu.json").read_text())
+    assert all("error" not in c or "CUDA graphs" in c["error"] for c in bench["contenders"]), "every worker checked"
+
+
+@pytest.mark.slow
+def test_the_quick_rehearsal_runs_ours_and_the_peer_with_their_vectors_compared(quick_rehearsal: Path) -> None:
+    from benchmarks.gpu.proof import QUICK_CONTENDERS
+
+    steps = json.loads((quick_rehearsal / "proof.json").read_text())["steps"]
+    assert [n for n, step in steps.items() if step["status"] == "ok"] == ["environment", "model", "benchmark"]
+    assert all(step["status"] == "skipped: not in --quick" for n, step in steps.items() if step["status"] != "ok")
+    results = {c["contender"]: c for c in json.loads((quick_rehearsal / "bench-cpu.json").read_text())["contenders"]}
+    for name in QUICK_CONTENDERS:
+        row = results[name]["workloads"]["titles"]
+        assert row["throughput"]["1024"]["runs"] == 3 and row["cosine"]["min"] > 0.999, name
+    reference = results["sentence-transformers PyTorch fp32"]["workloads"]["titles"]
+    assert reference["latency"] is None, "the reference gives vectors only"
+
+
+def test_a_child_that_loses_the_shadowing_path_stops_naming_both_onnxruntimes(tmp_path: Path) -> None:
+    """Item 1 of the first GPU visit's plan: workers started with the repository alone on PYTHONPATH
+    imported the image's CPU build. Under the rehearsal's layout such a child now stops."""
+    from benchmarks.gpu.proof import shadow_site
+    from benchmarks.worker import SAME_ONNXRUNTIME_ENV
+
+    site = shadow_site(tmp_path)
+    shadowed = {"version": __import__("onnxruntime").__version__, "file": str(site / "onnxruntime" / "__init__.py")}
+    env = {**os.environ, SAME_ONNXRUNTIME_ENV: json.dumps(shadowed)}
+    argv = [sys.executable, "-m", "benchmarks.gpu.child", "benchmarks.gpu.probe", "env"]
+    kept = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**env, "PYTHONPATH": f"{site}:{ROOT}"})
+    assert kept.returncode == 0, kept.stderr[-2000:]
+    assert json.loads(kept.stdout.splitlines()[-1])["onnxruntime_file"] == shadowed["file"]
+    lost = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, env={**env, "PYTHONPATH": str(ROOT)})
+    assert lost.returncode != 0 and shadowed["file"] in lost.stderr and "site-packages" in lost.stderr
+
+
+def test_a_step_past_its_cap_is_killed_with_everything_it_started(tmp_path: Path) -> None:
+    from benchmarks.gpu.proof import Proof
+
+    pid_file = tmp_path / "grandchild.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(120)"
+    )
+    proof = Proof(tmp_path, tmp_path, quick=False, rehearse=True)
+    with pytest.raises(subprocess.TimeoutExpired):
+        proof.command([sys.executable, "-c", code], cap=3)
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):
+        if not Path(f"/proc/{grandchild}").exists() or "Z" in Path(f"/proc/{grandchild}/stat").read_text().split()[2]:
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's grandchild {grandchild} outlived the step's cap")
+
+
+def test_without_a_gpu_the_proof_stops_after_the_environment_and_keeps_its_facts(tmp_path: Path) -> None:
+    """The run a GPU machine without a working CUDA provider would make: it fails, saying why, and
+    proof.json still holds what the environment step and the proof's own process found."""
+    done = subprocess.run(
+        [str(ROOT / "scripts" / "gpu-proof.sh"), str(tmp_path / "out"), "--work", str(tmp_path / "work")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    facts = json.loads((tmp_path / "out" / "proof.json").read_text())
+    assert list(facts["steps"]) == ["environment"]
+    environment = facts["steps"]["environment"]
+    assert environment["status"].startswith("failed: CUDA cannot be used: ")
+    assert environment["facts"]["onnxruntime"] == facts["proof_process"]["onnxruntime"]["version"]
+    assert "stopping: without a usable GPU" in (tmp_path / "out" / "log.txt").read_text()
+
+
+def test_the_steps_caps_fit_the_device_visit() -> None:
+    """8 minutes for the full proof, 3 for --quick: the device tool runs a command at most 10 minutes,
+    and a visit has 15 minutes of device time in all."""
+    from benchmarks.gpu.proof import BUDGETS, CAPS
+
+    assert BUDGETS[0] <= 480 and BUDGETS[1] <= 180
+    for column in (0, 1):
+        assert sum(caps[column] for caps in CAPS.values()) <= BUDGETS[column]
+    assert CAPS["benchmark"][1] >= 85, "quick's benchmark needs time for ours and the peer"
 
 
 @pytest.mark.slow
@@ -154,16 +259,52 @@ def test_the_cuda_libraries_of_nvidia_packages_are_found(tmp_path: Path, monkeyp
     assert gpu_stage.library_path() == f"{tmp_path}/nvidia/cu13/lib:{tmp_path}/nvidia/cudnn/lib"
 
 
-@pytest.mark.parametrize(("quick", "rehearse"), [(False, False), (True, False), (False, True)])
-def test_every_mode_benchmarks_contenders_the_benchmark_has(tmp_path: Path, quick: bool, rehearse: bool) -> None:
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_mode_benchmarks_contenders_the_benchmark_has(tmp_path: Path, quick: bool) -> None:
     """--quick once named a contender that does not exist, so its benchmark exited at once; the
-    rehearsal never ran that branch."""
+    rehearsal never ran that branch. Now a rehearsal runs its mode's plan with only the provider,
+    the model's size and the text counts changed."""
     from benchmarks.__main__ import contenders
     from benchmarks.gpu.proof import Proof, benchmark_argv
 
-    argv = benchmark_argv(Proof(tmp_path, tmp_path, quick=quick, rehearse=rehearse))
+    argv = benchmark_argv(Proof(tmp_path, tmp_path, quick=quick, rehearse=False))
     plan = argv[argv.index("--contenders") + 1]
     known = {c["name"].lower() for c in contenders(plan, "avx2")}
     named = argv[argv.index("--only") + 1].split(",") if "--only" in argv else []
     assert {name.lower() for name in named} <= known, f"not in the {plan} plan: {set(named) - known}"
     assert bool(named) == quick, "only --quick picks contenders"
+    assert argv[argv.index("--device") + 1] == "cuda" and "--quality-texts" in argv
+
+    rehearsed = benchmark_argv(Proof(tmp_path, tmp_path, quick=quick, rehearse=True))
+    scaled = {"--device", "--titles", "--skill-lists", "--quality-texts", "--latency-calls"}
+
+    def plan_of(args: list[str]) -> list[str]:
+        kept, skip = [], False
+        for arg in args:
+            if skip or arg == "--tiny":
+                skip = False
+                continue
+            skip = arg in scaled
+            kept.append(arg)
+        return kept
+
+    assert plan_of(rehearsed) == plan_of(argv) and "--tiny" in rehearsed
+
+
+def test_the_summary_tabulates_launches_and_cpu_time_per_call(tmp_path: Path) -> None:
+    from benchmarks.gpu.summary import summary
+
+    per_call = {
+        "one title, no CUDA graphs": {"wall_ms": 0.61, "cpu_ms": 0.55, "launches": {"cudaLaunchKernel": 98}},
+        "one title, CUDA graphs": {"wall_ms": 0.21, "cpu_ms": 0.12, "launches": {"cudaGraphLaunch": 3}},
+    }
+    profile = {"device": "cuda", "split_ms": {"one title": {"copy in": 0.01}}, "per_call": per_call}
+    facts = {
+        "mode": "full",
+        "started": "2026-12-01T00:00:00Z",
+        "proof_process": {"onnxruntime": {"version": "1.31.1", "file": "/tmp/ortsite/onnxruntime/__init__.py"}},
+        "steps": {"profile": {"status": "ok", "profile": profile | {"fp16_ceiling_tflops": 700.0}}},
+    }
+    text = summary(facts, tmp_path)
+    assert "| one title, CUDA graphs | 0.210 | 0.120 | {'cudaGraphLaunch': 3} |" in text
+    assert "every child checks it imports the same): 1.31.1 from /tmp/ortsite/onnxruntime/__init__.py" in text

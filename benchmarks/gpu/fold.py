@@ -68,7 +68,7 @@ def _nan(facts: dict[str, Any], bench: dict[str, Any] | None) -> str:
 
 
 def _graphs(facts: dict[str, Any], bench: dict[str, Any] | None) -> str:
-    graphs = _step(facts, "placement").get("cuda_graphs", {})
+    graphs = _step(facts, "capture").get("cuda_graphs", {})
     if graphs.get("status") != "ok":
         return graphs.get("status", "not measured")
     shapes = graphs["shapes"]

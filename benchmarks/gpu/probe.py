@@ -245,8 +245,8 @@ def _median_ms(call: Any, runs: int = 20) -> float:
 
 
 def profile(export: Path) -> dict[str, Any]:
-    """Where the time goes for a large batch and for one text; kernels per batch with and without CUDA
-    graphs; the fp16 matrix-product ceiling of this GPU."""
+    """Where the time goes for a large batch and for one text; kernel launches and CPU time per call
+    with and without CUDA graphs; the fp16 matrix-product ceiling of this GPU."""
     from jobbert_onnx import Encoder, Tuning
     from jobbert_onnx.samples import LANGUAGES, titles
 
@@ -256,13 +256,13 @@ def profile(export: Path) -> dict[str, Any]:
     pool = [t for language in LANGUAGES for t in titles(language)]
     result: dict[str, Any] = {"device": device, "split_ms": {}}
     for name, texts in (("one title", pool[:1]), ("4096 titles", pool[:4096])):
-        result["split_ms"][name] = _split(encoder, texts)
+        result["split_ms"][name] = _split(encoder, texts, batch_size=len(texts))
     if not on_gpu:
-        result["kernels_per_batch"] = result["fp16_ceiling_tflops"] = NO_GPU
+        result["per_call"] = result["fp16_ceiling_tflops"] = NO_GPU
         return result
     graphs = Encoder.load(export, device="cuda", verify=False, tuning=Tuning(cuda_graphs=True))
-    result["kernels_per_batch"] = {
-        f"{name}, {label}": _kernels(lambda e=enc, t=texts: e.encode(t, batch_size=len(t)))
+    result["per_call"] = {
+        f"{name}, {label}": _per_call(lambda e=enc, t=texts: e.encode(t, batch_size=len(t)))
         for label, enc in (("no CUDA graphs", encoder), ("CUDA graphs", graphs))
         for name, texts in (("one title", pool[:1]), ("256 titles", pool[:256]))
     }
@@ -270,42 +270,63 @@ def profile(export: Path) -> dict[str, Any]:
     return result
 
 
-def _split(encoder: Any, texts: list[str]) -> dict[str, float]:
-    """Milliseconds in tokenizing and padding, copying in, each graph, and copying out (median of 5)."""
+def _split(encoder: Any, texts: list[str], batch_size: int) -> dict[str, float]:
+    """Milliseconds in tokenizing and padding, copying in, each graph, and copying out, summed over the
+    batches the runtime itself would make of `texts` (its buckets and padding; median of 5 runs)."""
     chain = encoder.chain
     runs: list[dict[str, float]] = []
+    stages = chain.routes["anchor"]
     for _ in range(6):
-        times: dict[str, float] = {}
+        times = dict.fromkeys(["tokenize and pad", "copy in", *(s.key for s in stages), "copy out"], 0.0)
         start = time.perf_counter()
         tokenized = encoder.tokenizer.tokenize(texts)
-        batch = encoder.tokenizer.pad(tokenized, np.arange(len(texts)))
-        times["tokenize and pad"] = time.perf_counter() - start
-        start = time.perf_counter()
-        buffers = chain.fresh(batch)
-        times["copy in"] = time.perf_counter() - start
-        stages = chain.routes["anchor"]
-        for stage in stages:
+        plans = encoder._plans(tokenized, batch_size)
+        times["tokenize and pad"] += time.perf_counter() - start
+        for plan in plans:
             start = time.perf_counter()
-            stage.session.run_with_iobinding(buffers.binding(stage), None)
-            buffers.values[stage.output] = buffers.output(stage)
-            times[stage.key] = time.perf_counter() - start
-        start = time.perf_counter()
-        buffers.output(stages[-1]).numpy()
-        times["copy out"] = time.perf_counter() - start
+            batch = encoder.tokenizer.pad(tokenized, plan.rows, plan.width, plan.height)
+            times["tokenize and pad"] += time.perf_counter() - start
+            start = time.perf_counter()
+            buffers = chain.fresh(batch)
+            times["copy in"] += time.perf_counter() - start
+            for stage in stages:
+                start = time.perf_counter()
+                stage.session.run_with_iobinding(buffers.binding(stage), None)
+                buffers.values[stage.output] = buffers.output(stage)
+                times[stage.key] += time.perf_counter() - start
+            start = time.perf_counter()
+            buffers.output(stages[-1]).numpy()
+            times["copy out"] += time.perf_counter() - start
         runs.append(times)
     return {key: float(np.median([r[key] for r in runs[1:]]) * 1000) for key in runs[0]}
 
 
-def _kernels(call: Any) -> int | str:
-    """CUDA kernels one call launches, as CUPTI (through torch's profiler) sees them in this process."""
+# CUDA runtime and driver calls that start work on the GPU: a kernel each, or a whole captured graph.
+_LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx", "cudaGraphLaunch")
+
+
+def _per_call(call: Any, calls: int = 20) -> dict[str, Any]:
+    """Per call: wall and CPU milliseconds (this process), and the launches the host made (kernels,
+    or graphs with CUDA graphs) as CUPTI's API callbacks, through torch's profiler, count them.
+    Kernels that run are not counted: a replayed graph runs as many as it captured."""
+    call()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for _ in range(calls):
+        call()
+    found: dict[str, Any] = {
+        "wall_ms": (time.perf_counter() - wall) * 1000 / calls,
+        "cpu_ms": (time.process_time() - cpu) * 1000 / calls,
+    }
     try:
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
-        return "not measured: torch is not installed"
-    call()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        found["launches"] = "not measured: torch is not installed"
+        return found
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         call()
-    return int(sum(event.count for event in prof.key_averages() if event.device_type.name == "CUDA"))
+    counts = Counter({e.key: e.count for e in prof.key_averages() if e.key.startswith(_LAUNCHES)})
+    found["launches"] = dict(counts) or "none seen (CUPTI reported no launch calls)"
+    return found
 
 
 def _fp16_ceiling() -> float | str:

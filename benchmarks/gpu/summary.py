@@ -72,6 +72,11 @@ def summary(facts: dict[str, Any], out: Path) -> str:
         "|---|---|---:|",
     ]
     lines += [f"| {name} | {step['status']} | {step.get('seconds', '-')} |" for name, step in steps.items()]
+    own = facts.get("proof_process", {})
+    if own:
+        found = own.get("onnxruntime")
+        shown = f"{found['version']} from {found['file']}" if isinstance(found, dict) else found
+        lines += ["", f"The proof's onnxruntime (every child checks it imports the same): {shown}."]
     if env.get("cuda_libraries_loaded"):
         lines += ["", "CUDA libraries loaded: " + ", ".join(Path(p).name for p in env["cuda_libraries_loaded"])]
     model = steps.get("model", {})
@@ -104,7 +109,7 @@ def summary(facts: dict[str, Any], out: Path) -> str:
         for form, seen in placement["attention"].items():
             kernels = "<br>".join(seen["kernel_lines"])
             lines.append(f"| {form} | {kernels} | {seen['nonfinite_at_padded_positions']} |")
-    graphs = steps.get("placement", {}).get("cuda_graphs")
+    graphs = steps.get("capture", {}).get("cuda_graphs")
     if graphs:
         lines += ["", "## CUDA graphs per shape"]
         if graphs.get("status") != "ok":
@@ -130,7 +135,13 @@ def summary(facts: dict[str, Any], out: Path) -> str:
         lines.append("|---|" + "---:|" * len(_split_keys(profile)))
         for call, split in profile["split_ms"].items():
             lines.append(f"| {call} | " + " | ".join(f"{split.get(k, 0):.3f}" for k in _split_keys(profile)) + " |")
-        lines += ["", f"Kernels per batch: {profile['kernels_per_batch']}."]
+        per_call = profile["per_call"]
+        if isinstance(per_call, dict):
+            lines += ["", "| call | wall ms | CPU ms | launches |", "|---|---:|---:|---|"]
+            for call, seen in per_call.items():
+                lines.append(f"| {call} | {seen['wall_ms']:.3f} | {seen['cpu_ms']:.3f} | {seen['launches']} |")
+        else:
+            lines += ["", f"Launches and CPU time per call: {per_call}."]
         ceiling = profile["fp16_ceiling_tflops"]
         shown = f"{ceiling:.0f} TFLOP/s" if isinstance(ceiling, float) else ceiling
         lines += [f"fp16 matrix-product ceiling (8192^3 through torch): {shown}."]

@@ -16,9 +16,9 @@ import numpy as np
 from jobbert_onnx.cache import CACHE_ENV
 from jobbert_onnx.errors import JobbertOnnxError, missing_extra
 from jobbert_onnx.manifest import ATTENTION_MASKS, DEFAULT_PRECISIONS, PRECISIONS
-from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
 
 DEVICE_HELP = "auto (CUDA when it loads, else the CPU), cuda, cuda:N or cpu"
+BATCH_SIZE_HELP = "most texts per graph run (default: 32 on the CPU; on CUDA as many as 32,768 tokens hold)"
 CACHE_HELP = f"${CACHE_ENV}, $HF_HOME/jobbert-onnx, $XDG_CACHE_HOME/jobbert-onnx or ~/.cache/jobbert-onnx"
 
 
@@ -205,9 +205,7 @@ def _defaults(kind: Any) -> dict[str, Any]:
     }
 
 
-def _model_options(
-    parser: argparse.ArgumentParser, *, batch_size: int | None = DEFAULT_BATCH_SIZE, device_help: str = DEVICE_HELP
-) -> None:
+def _model_options(parser: argparse.ArgumentParser, *, batch_size: bool = True, device_help: str = DEVICE_HELP) -> None:
     """MODEL and the options every command that loads a model shares."""
     parser.add_argument(
         "model",
@@ -221,8 +219,8 @@ def _model_options(
     parser.add_argument(
         "--precision", choices=PRECISIONS, help="encoder variant (default: fp16 on CUDA; on the CPU the fastest held)"
     )
-    if batch_size is not None:
-        parser.add_argument("--batch-size", type=int, default=batch_size, help=f"texts per graph run ({batch_size})")
+    if batch_size:
+        parser.add_argument("--batch-size", type=int, help=BATCH_SIZE_HELP)
 
 
 def _export_folder(args: argparse.Namespace) -> str:
@@ -253,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     from jobbert_onnx.batch.match import MATCH_BAD_ROW_POLICIES, run_match
     from jobbert_onnx.export.random_model import LAYOUTS, SIZES, build_random_model
     from jobbert_onnx.export.trained_model import wrap_trained_encoder
-    from jobbert_onnx.serve.config import API_KEY_ENV, ServeConfig
+    from jobbert_onnx.serve.config import API_KEY_ENV, BATCH_LIMITS, ServeConfig
 
     parser = argparse.ArgumentParser(
         prog="jobbert-onnx", description="JobBERT-v3 as ONNX graphs, encoded without torch."
@@ -299,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     embed = commands.add_parser(
         "embed", help="embed a file of texts (.txt/.csv/.tsv/.jsonl/.parquet) into .parquet or .npy, resumably"
     )
-    _model_options(embed, batch_size=job["batch_size"])
+    _model_options(embed)
     embed.add_argument("input", type=Path)
     embed.add_argument("output", type=Path, help=".parquet (id, text, embedding) or .npy (+ .ids.jsonl)")
     embed.add_argument("--task", required=True, help="anchor (job titles) or positive (skill lists)")
@@ -319,7 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     matching = _defaults(run_match)
     match = commands.add_parser("match", help="match job titles to the top-k concepts of a taxonomy (e.g. ESCO)")
-    _model_options(match, batch_size=matching["batch_size"])
+    _model_options(match)
     match.add_argument("queries", type=Path, help="titles: .txt/.csv/.tsv/.jsonl/.parquet")
     match.add_argument("taxonomy", type=Path, help="CSV/TSV of concepts: id, label, optional |-joined alternatives")
     match.add_argument("output", type=Path, help=".csv (a row per query and rank) or .jsonl (a line per query)")
@@ -338,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "serve", help="serve POST /v1/embeddings (OpenAI-compatible) with dynamic batching (needs jobbert-onnx[serve])"
     )
     _model_options(
-        serve, batch_size=None, device_help="auto, cpu, cuda, cuda:N, or a list (cuda:0,cuda:1): one group each"
+        serve, batch_size=False, device_help="auto, cpu, cuda, cuda:N, or a list (cuda:0,cuda:1): one group each"
     )
     serve.add_argument("--host", default=config["host"], help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=config["port"], help="TCP port (0: any free one)")
@@ -358,9 +356,13 @@ def build_parser() -> argparse.ArgumentParser:
         "cache_size": (int, "vectors kept in an LRU cache of texts seen before, per task; 0: no cache"),
     }
     for name, (kind, text) in limits.items():
-        serve.add_argument(
-            f"--{name.replace('_', '-')}", type=kind, default=config[name], help=f"{text} ({config[name]})"
-        )
+        default = config[name]
+        if default is None:  # the device's (ServeConfig.for_device)
+            cpu, cuda = (BATCH_LIMITS[device][name == "max_batch_tokens"] for device in ("cpu", "cuda"))
+            shown = f"{cpu} on the CPU, {cuda} on CUDA"
+        else:
+            shown = str(default)
+        serve.add_argument(f"--{name.replace('_', '-')}", type=kind, default=default, help=f"{text} ({shown})")
     serve.add_argument("--log-texts", action="store_true", help="log request texts (off by default)")
     serve.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the model files")
     serve.set_defaults(run=_serve)

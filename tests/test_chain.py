@@ -195,18 +195,64 @@ def test_tuning_defaults_are_decided_per_device() -> None:
         False,
         False,
     )
-    assert (cuda.buckets, cuda.pad_to_bucket, cuda.overlap, cuda.reuse_buffers) == ((8, 16, 32, 64), True, True, True)
+    assert (cuda.buckets, cuda.pad_to_bucket, cuda.overlap, cuda.reuse_buffers) == (
+        (6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64),
+        True,
+        True,
+        True,
+    )
+    assert (cpu.batch_size, cpu.token_budget, cuda.batch_size, cuda.token_budget) == (32, None, 4096, 32768)
     assert cpu.cuda_graphs is False and cpu.shrink_above_tokens == cuda.shrink_above_tokens == 32768
+    bigger = Tuning(token_budget=65536).resolve("cuda", 64)
+    assert bigger.shrink_above_tokens == 65536, "batches the budget allows never shrink the arenas"
+    assert Tuning(token_budget=65536, shrink_above_tokens=1000).resolve("cuda", 64).shrink_above_tokens == 1000
     graphs = Tuning(cuda_graphs=True, reuse_buffers=False, pad_to_bucket=False).resolve("cuda", 64)
     assert graphs.reuse_buffers and graphs.pad_to_bucket, "CUDA graphs need fixed buffers and bucket widths"
     assert Tuning(buckets=()).resolve("cpu", 64).buckets == ()
     assert Tuning(buckets=(16, 100)).resolve("cpu", 64).buckets == (16, 64)
 
 
+def test_cudas_default_batches_hold_a_token_budget_and_pad_real_titles_little(tiny_exports: dict) -> None:
+    """The CUDA defaults, planned on the CPU over real titles and skill lists with the genuine tokenizer:
+    no batch above 32,768 padded tokens, titles padded to at most 1.10x their tokens (the old
+    (8, 16, 32, 64) buckets gave 1.38x), skill lists in batches of 512."""
+    from jobbert_onnx.runtime.batching import plan_batches
+    from jobbert_onnx.samples import LANGUAGES, skill_lists, titles
+
+    cuda = Tuning().resolve("cuda", 64)
+    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32")
+    for texts, most_padding in (
+        ([t for language in LANGUAGES for t in titles(language)], 1.10),
+        ([t for language in ("en", "de", "es") for t in skill_lists(language, 600, 40)], 1.02),
+    ):
+        lengths = encoder.tokenizer.tokenize(texts).lengths
+        plans = plan_batches(lengths, int(cuda.batch_size or 0), cuda.buckets, cuda.token_budget)
+        padded = sum(plan.width * plan.height for plan in plans)
+        assert max(plan.width * plan.height for plan in plans) <= 32768
+        assert padded / lengths.sum() <= most_padding, padded / lengths.sum()
+        assert sorted(np.concatenate([plan.rows for plan in plans]).tolist()) == list(range(len(texts)))
+    assert max(plan.height for plan in plans) == 512
+
+
+def test_a_call_without_a_batch_size_takes_the_tunings(tiny_exports: dict) -> None:
+    folder = tiny_exports[("router", "fp32")]
+    encoder = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(batch_size=7, buckets=()))
+    log = _RunLog(encoder)
+    texts = [f"Koch {i}" for i in range(20)]
+    got = encoder.encode(texts)
+    assert len(log.ids) == 3, "20 texts in batches of 7"
+    encoder.encode(texts, batch_size=20)
+    assert len(log.ids) == 4, "a batch size given wins"
+    assert_close(got, Encoder.load(folder, device="cpu", precision="fp32").encode(texts), 1e-6, "same vectors")
+    with pytest.raises(ValueError, match="batch_size must be a positive integer, or None for the device.s default"):
+        encoder.encode(texts, batch_size=0)
+
+
 @pytest.mark.parametrize(
     ("tuning", "message"),
     [
         (Tuning(cuda_graphs=True), "cuda_graphs=True needs device='cuda'"),
+        (Tuning(batch_size=0), "batch_size must be a positive integer"),
         (Tuning(token_budget=0), "token_budget must be a positive integer"),
         (Tuning(shrink_above_tokens=-5), "shrink_above_tokens must be a positive integer"),
         (Tuning(buckets="auto"), "buckets must be a list of lengths"),  # type: ignore[arg-type]
@@ -221,5 +267,5 @@ def test_bad_tuning_is_refused(tuning: Tuning, message: str) -> None:
 
 
 def test_unknown_tuning_options_are_named() -> None:
-    with pytest.raises(ValueError, match="unknown tuning option cuda_graph; known: buckets"):
+    with pytest.raises(ValueError, match="unknown tuning option cuda_graph; known: batch_size, buckets"):
         Tuning.from_options({"cuda_graph": True})

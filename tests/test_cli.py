@@ -67,7 +67,6 @@ def test_cli_defaults_come_from_the_library() -> None:
     from jobbert_onnx.batch.match import run_match
     from jobbert_onnx.cli import build_parser
     from jobbert_onnx.export.random_model import build_random_model
-    from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
     from jobbert_onnx.serve import ServeConfig
 
     parser = build_parser()
@@ -90,7 +89,7 @@ def test_cli_defaults_come_from_the_library() -> None:
     random_model = parsed("random-model", "out")
     for name in ("size", "layout", "seed"):
         assert random_model[name] == inspect.signature(build_random_model).parameters[name].default
-    assert parsed("encode", "m")["batch_size"] == DEFAULT_BATCH_SIZE
+    assert parsed("encode", "m")["batch_size"] is None, "the device's default (Tuning.batch_size)"
 
 
 def test_a_bug_keeps_its_traceback(monkeypatch: pytest.MonkeyPatch) -> None:

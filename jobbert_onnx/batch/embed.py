@@ -25,7 +25,6 @@ from jobbert_onnx.batch.reader import Rows, TableReader, fingerprint
 from jobbert_onnx.batch.writer import OUTPUT_SUFFIXES, assemble, part_name, write_part
 from jobbert_onnx.errors import JobbertOnnxError
 from jobbert_onnx.manifest import MANIFEST_NAME, sha256_file
-from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
 from jobbert_onnx.runtime.progress import Progress
 from jobbert_onnx.runtime.tuning import Tuning
 
@@ -53,7 +52,7 @@ class EmbedJob:
     dtype: str = "float32"
     on_bad_row: str = "error"
     chunk_rows: int = CHUNK_ROWS
-    batch_size: int = DEFAULT_BATCH_SIZE
+    batch_size: int | None = None
     precision: str | None = None
 
     def check(self) -> None:
@@ -63,7 +62,7 @@ class EmbedJob:
             raise EmbedError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}; got {self.dtype!r}")
         if self.on_bad_row not in BAD_ROW_POLICIES:
             raise EmbedError(f"--on-bad-row must be one of {', '.join(BAD_ROW_POLICIES)}; got {self.on_bad_row!r}")
-        if self.chunk_rows < 1 or self.batch_size < 1:
+        if self.chunk_rows < 1 or (self.batch_size is not None and self.batch_size < 1):
             raise EmbedError("--chunk-rows and --batch-size must be positive")
 
 
@@ -260,7 +259,7 @@ def _jsonable(value: Any) -> Any:
 
 
 def local_encoder(
-    model_dir: str, task: str, batch_size: int, device: str, precision: str | None, tuning: Tuning | None = None
+    model_dir: str, task: str, batch_size: int | None, device: str, precision: str | None, tuning: Tuning | None = None
 ) -> Callable[[Iterator[list[str]]], Iterator[np.ndarray]]:
     """encode_chunks for one process: the runtime's Encoder, loaded once (each chunk's repeated
     texts are encoded once, unless `tuning` turns dedup off)."""

@@ -25,7 +25,6 @@ from jobbert_onnx._files import atomic_path
 from jobbert_onnx.batch.embed import CHUNK_ROWS
 from jobbert_onnx.errors import JobbertOnnxError
 from jobbert_onnx.manifest import MANIFEST_NAME, sha256_file
-from jobbert_onnx.runtime.encoder import DEFAULT_BATCH_SIZE
 from jobbert_onnx.vectors import normalize
 
 LABEL_BLOCK = 65536
@@ -200,7 +199,7 @@ def run_match(
     alt_column: str | None = "alt_labels",
     concept_id_column: str = "concept_uri",
     on_bad_row: str = "error",
-    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_size: int | None = None,
     device: str = "auto",
     precision: str | None = None,
     chunk_rows: int = CHUNK_ROWS,

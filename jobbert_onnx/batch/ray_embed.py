@@ -22,7 +22,7 @@ from jobbert_onnx.errors import missing_extra
 class ChunkEncoder:
     """A Ray Data actor: loads the export once, then encodes one chunk per call."""
 
-    def __init__(self, model_dir: str, task: str, batch_size: int, device: str, precision: str | None) -> None:
+    def __init__(self, model_dir: str, task: str, batch_size: int | None, device: str, precision: str | None) -> None:
         from jobbert_onnx.runtime import Encoder
 
         self.encoder = Encoder.load(model_dir, device=device, precision=precision)
@@ -52,7 +52,7 @@ def actor_placement(device: str, cluster_gpus: int) -> tuple[str, int]:
 def ray_encoder(
     model_dir: str,
     task: str,
-    batch_size: int,
+    batch_size: int | None,
     device: str,
     precision: str | None,
     address: str | None,

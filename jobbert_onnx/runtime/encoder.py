@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 # Texts tokenized together; batches are formed (longest first) within such a chunk.
 TOKENIZE_CHUNK = 8192
-# Texts per graph run unless the caller says otherwise (sentence-transformers' default too).
-DEFAULT_BATCH_SIZE = 32
 _Key = TypeVar("_Key", bound=Hashable)
 
 
@@ -175,7 +173,7 @@ class Encoder:
         self,
         sentences: str | Sequence[str],
         task: str | None = None,
-        batch_size: int = DEFAULT_BATCH_SIZE,
+        batch_size: int | None = None,
         show_progress_bar: bool | None = False,
         normalize_embeddings: bool = False,
         *,
@@ -197,7 +195,9 @@ class Encoder:
             sentences: One string, or a list/tuple of strings.
             task: ``"anchor"`` (job titles), ``"positive"`` (skill lists), or None
                 for the model's default route (``anchor``).
-            batch_size: Texts per graph run.
+            batch_size: Most texts per graph run; None: the device's default
+                (`Tuning.batch_size`: 32 on the CPU, as in sentence-transformers; on CUDA as
+                many as `Tuning.token_budget` allows). A token budget caps any batch size.
             show_progress_bar: Draw a progress bar on stderr.
             normalize_embeddings: Scale every vector to unit length.
             convert_to_numpy: Must stay True (vectors are numpy arrays).
@@ -219,8 +219,7 @@ class Encoder:
         texts, single = check_texts(sentences)
         route = self.resolve_task(task)
         _check_options(convert_to_numpy, convert_to_tensor, precision, output_value, device, self.device)
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise UsageError(f"batch_size must be a positive integer; got {batch_size!r}")
+        batch_size = self._batch_size(batch_size)
         if truncate_dim is not None and not 1 <= truncate_dim <= self.get_sentence_embedding_dimension():
             raise UsageError(
                 f"truncate_dim must be in [1, {self.get_sentence_embedding_dimension()}]; got {truncate_dim}"
@@ -241,7 +240,7 @@ class Encoder:
         return out[0] if single else out
 
     def encode_tokenized(
-        self, tokenized: Tokenized, task: str | None = None, batch_size: int = DEFAULT_BATCH_SIZE
+        self, tokenized: Tokenized, task: str | None = None, batch_size: int | None = None
     ) -> np.ndarray:
         """Vectors [n, dim] of texts already tokenized by ``self.tokenizer.tokenize``.
 
@@ -249,6 +248,7 @@ class Encoder:
         batches and to report usage; batches are planned exactly as in `encode`.
         """
         route = self.resolve_task(task)
+        batch_size = self._batch_size(batch_size)
         repeats = None
         if self.tuning.dedup:
             keys, repeats = distinct([tuple(row) for row in tokenized.ids])
@@ -257,6 +257,15 @@ class Encoder:
                 tokenized = Tokenized(ids=[list(key) for key in keys], lengths=tokenized.lengths[first])
         out = self._run(self._pad(tokenized, self._plans(tokenized, batch_size), 0), len(tokenized.ids), route)
         return out if repeats is None else out[repeats]
+
+    def _batch_size(self, batch_size: int | None) -> int:
+        if batch_size is None:
+            return int(self.tuning.batch_size or 1)
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise UsageError(
+                f"batch_size must be a positive integer, or None for the device's default; got {batch_size!r}"
+            )
+        return batch_size
 
     def _run(
         self, batches: Iterator[tuple[np.ndarray, Batch]], count: int, route: str, progress: Progress | None = None

@@ -16,12 +16,21 @@ from jobbert_onnx.runtime.batching import check_buckets
 # Length buckets: batches never cross one. On CUDA batches are also padded to their
 # bucket (few shapes for the kernels and CUDA graphs); on the CPU only to their longest
 # row, and finer buckets cut padding further. Large title batches without buckets ran at
-# a quarter of the speed (studies/HISTORY.md).
-CUDA_BUCKETS = (8, 16, 32, 64)
+# a quarter of the speed (studies/HISTORY.md). CUDA's steps of 2 up to 16 pad 50,000 real
+# titles (8.3 tokens on average, genuine XLM-R tokenizer) to 1.08x their tokens, where
+# (8, 16, 32, 64) padded them to 1.38x.
+CUDA_BUCKETS = (6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64)
 CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
+# Rows per batch where a call names none: sentence-transformers' 32 on the CPU; on CUDA
+# large batches, whose size the token budget decides (4,096 titles of 8 tokens, 512 skill
+# lists of 64).
+CPU_BATCH_SIZE = 32
+CUDA_BATCH_SIZE = 4096
+CUDA_TOKEN_BUDGET = 32768
 # Batches of more padded tokens than this (512 full-length skill lists) run with buffers
 # the sessions allocate, and the call ends by shrinking onnxruntime's memory arenas
-# (studies/HISTORY.md).
+# (studies/HISTORY.md). A token budget above it raises it to the budget: batches the
+# budget allows never shrink the arenas after every call.
 SHRINK_ABOVE_TOKENS = 32768
 
 
@@ -31,9 +40,12 @@ class Tuning:
 
     Attributes:
         buckets: Length buckets no batch crosses; ``()`` for none (batches of `batch_size`,
-            longest first). Default: (8, 16, 32, 64) on CUDA, (8, 12, 16, 24, 32, 48, 64) on the CPU.
-        token_budget: Most padded tokens (rows x length) per batch. Default: no cap beyond
-            `batch_size`.
+            longest first). Default: (6, 8, 10, 12, 14, 16, 20, 24, 32, 48, 64) on CUDA,
+            (8, 12, 16, 24, 32, 48, 64) on the CPU.
+        batch_size: Most rows per batch where a call (`encode`'s `batch_size`) names none.
+            Default: 32 on the CPU; 4,096 on CUDA, where `token_budget` decides.
+        token_budget: Most padded tokens (rows x length) per batch, whatever the batch size.
+            Default: 32,768 on CUDA (4,096 titles or 512 skill lists); no cap on the CPU.
         overlap: Tokenize the next batches in a thread while the device runs the current one.
             Default: on for CUDA; off on the CPU, where the thread would take a core from the
             graphs. Either way only calls of two batches or more start the thread.
@@ -53,11 +65,12 @@ class Tuning:
         shrink_above_tokens: A batch of more padded tokens runs with buffers the sessions
             allocate, and the call then shrinks onnxruntime's memory arenas once and returns
             freed heap pages to the OS, so one huge batch does not hold its memory for the life
-            of the process. ``0`` never shrinks. Default: 32,768. With CUDA graphs arenas never
-            shrink (captured graphs keep using their memory).
+            of the process. ``0`` never shrinks. Default: 32,768, or `token_budget` where that
+            is larger. With CUDA graphs arenas never shrink (captured graphs keep using their memory).
     """
 
     buckets: tuple[int, ...] | None = None
+    batch_size: int | None = None
     token_budget: int | None = None
     overlap: bool | None = None
     pad_to_bucket: bool | None = None
@@ -86,20 +99,28 @@ class Tuning:
         buckets = check_buckets(buckets, max_seq_length) if buckets else ()
         if cuda_graphs and not buckets:
             raise UsageError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets at None")
-        for name, least in (("token_budget", 1), ("shrink_above_tokens", 0)):
+        for name, least in (("batch_size", 1), ("token_budget", 1), ("shrink_above_tokens", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 what = "a positive integer" if least else "a positive integer (0: never)"
                 raise UsageError(f"{name} must be {what} or None for the default; got {value!r}")
+        budget = self.token_budget
+        if budget is None and on_cuda:
+            budget = CUDA_TOKEN_BUDGET
+        shrink = self.shrink_above_tokens
+        if shrink is None:
+            shrink = max(SHRINK_ABOVE_TOKENS, budget or 0)
         return replace(
             self,
             buckets=buckets,
+            batch_size=self.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE),
+            token_budget=budget,
             overlap=on_cuda if self.overlap is None else bool(self.overlap),
             pad_to_bucket=cuda_graphs or (on_cuda if self.pad_to_bucket is None else bool(self.pad_to_bucket)),
             reuse_buffers=cuda_graphs or (on_cuda if self.reuse_buffers is None else bool(self.reuse_buffers)),
             cuda_graphs=cuda_graphs,
             spinning=bool(self.spinning),
-            shrink_above_tokens=SHRINK_ABOVE_TOKENS if self.shrink_above_tokens is None else self.shrink_above_tokens,
+            shrink_above_tokens=shrink,
             dedup=True if self.dedup is None else bool(self.dedup),
         )
 

@@ -37,6 +37,7 @@ class _Server:
     def __init__(self, encoder: Encoder, config: ServeConfig, warmed: bool, encode_thread: ThreadPoolExecutor) -> None:
         self.encoder = encoder
         self.config = config
+        self.max_batch_texts, self.max_batch_tokens = config.batch_limits(encoder.device.kind)
         self.encode_thread = encode_thread
         self.metrics = Metrics(encoder.max_seq_length)
         self.ready = False
@@ -159,8 +160,8 @@ class _Server:
         config = self.config
         self.queue = BatchQueue(
             self.encoder,
-            max_texts=config.max_batch_texts,
-            max_tokens=config.max_batch_tokens,
+            max_texts=self.max_batch_texts,
+            max_tokens=self.max_batch_tokens,
             max_wait_s=config.max_wait_ms / 1000,
             max_queued=config.max_queue_texts,
             on_batch=self.metrics.observe_batch,
@@ -183,7 +184,7 @@ class _Server:
         started = time.perf_counter()
         if not self._warmed:  # on the thread that will encode: buffers and CUDA graphs are per thread
             loop = asyncio.get_running_loop()
-            await loop.run_in_executor(self.encode_thread, warm_up, self.encoder, self.config.max_batch_texts)
+            await loop.run_in_executor(self.encode_thread, warm_up, self.encoder, self.max_batch_texts)
         self.ready = True
         self.metrics.ready.set(1)
         log.info("ready: every length bucket ran once (%.1f s)", time.perf_counter() - started)

@@ -8,6 +8,9 @@ from jobbert_onnx.errors import UsageError
 
 # Header and environment variable for the API key (the flag wins over the variable).
 API_KEY_ENV = "JOBBERT_ONNX_API_KEY"
+# Device batches where --max-batch-texts and --max-batch-tokens are not given: small on the
+# CPU, where a batch's latency grows with its size; large on CUDA, as in `Tuning`'s budget.
+BATCH_LIMITS = {"cpu": (64, 16384), "cuda": (2048, 32768)}
 
 
 @dataclass(frozen=True)
@@ -24,8 +27,9 @@ class ServeConfig:
         threads: onnxruntime threads per graph (default: the cores shared by the workers).
         served_model_name: The ``model`` name clients send and get back.
         api_key: When set, `/v1/*` requires ``Authorization: Bearer <key>``.
-        max_batch_texts: Most texts in one device batch.
-        max_batch_tokens: Most tokens (summed lengths) in one device batch.
+        max_batch_texts: Most texts in one device batch (default: 64 on the CPU, 2,048 on CUDA).
+        max_batch_tokens: Most tokens (summed lengths) in one device batch (default: 16,384 on
+            the CPU, 32,768 on CUDA).
         max_wait_ms: How long a batch waits for more requests before it runs.
         max_inputs: Most texts in one request.
         max_chars: Longer texts are cut to this many characters before tokenizing
@@ -47,8 +51,8 @@ class ServeConfig:
     threads: int | None = None
     served_model_name: str = "jobbert-v3"
     api_key: str | None = None
-    max_batch_texts: int = 64
-    max_batch_tokens: int = 16384
+    max_batch_texts: int | None = None
+    max_batch_tokens: int | None = None
     max_wait_ms: float = 2.0
     max_inputs: int = 2048
     max_chars: int = 4096
@@ -71,6 +75,8 @@ class ServeConfig:
             "max_queue_texts": self.max_queue_texts,
         }
         for name, value in positive.items():
+            if value is None and name.startswith("max_batch_"):
+                continue  # the device's default (`batch_limits`)
             if not isinstance(value, int) or value < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be a positive integer; got {value}")
         if not 0 <= self.port <= 65535:
@@ -93,12 +99,18 @@ class ServeConfig:
     def check_model(self, max_seq_length: int) -> ServeConfig:
         """Return self, or raise UsageError where a limit cannot hold one text of the model's
         `max_seq_length` (from its manifest)."""
-        if self.max_batch_tokens < max_seq_length:
+        if self.max_batch_tokens is not None and self.max_batch_tokens < max_seq_length:
             raise UsageError(
                 f"--max-batch-tokens must hold one {max_seq_length}-token text (this model's max_seq_length); "
                 f"got {self.max_batch_tokens}"
             )
         return self
+
+    def batch_limits(self, kind: str) -> tuple[int, int]:
+        """(most texts, most tokens) per device batch on a ``cpu`` or ``cuda`` device: the values
+        given, else the device's defaults (`BATCH_LIMITS`)."""
+        texts, tokens = BATCH_LIMITS["cuda" if kind == "cuda" else "cpu"]
+        return self.max_batch_texts or texts, self.max_batch_tokens or tokens
 
     def for_worker(self, device: str, threads: int | None) -> ServeConfig:
         """This config for one worker process on one device."""

@@ -90,7 +90,7 @@ def run_worker(
     )
     encode_thread = encoding_thread()
     if warm_first:  # on the thread that will encode: buffers and CUDA graphs are per thread
-        encode_thread.submit(warm_up, encoder, config.max_batch_texts).result()
+        encode_thread.submit(warm_up, encoder, config.batch_limits(encoder.device.kind)[0]).result()
     app = build_app(encoder, config, warmed=warm_first, encode_thread=encode_thread)
     sock = listen()
     host, port = sock.getsockname()[:2]

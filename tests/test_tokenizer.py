@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
 
 import pytest
 from conftest import parity_texts
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from tokenizers import Tokenizer
 
 from jobbert_onnx import samples
 from jobbert_onnx.export.xlmr_tokenizer import SHA256, VOCAB_SIZE, xlmr_tokenizer, xlmr_tokenizer_json
+from jobbert_onnx.runtime.tokenize import TextTokenizer, cut_long_text
 
 # The ids published with the tokenizer (jobbert_onnx/_data/SOURCES.md).
 PUBLISHED = {
@@ -97,3 +101,89 @@ def test_cap_is_max_seq_length_not_the_source_files_128(tiny_models: dict[str, P
     assert exported["truncation"]["max_length"] == 64
     assert exported["padding"]["direction"] == "Right"
     assert exported["padding"]["pad_id"] == 1
+
+
+@functools.cache
+def _tokenizers(folder: Path) -> tuple[TextTokenizer, Tokenizer]:
+    """The runtime's tokenizer of an export, and the export's tokenizer as it comes (loaded once)."""
+    whole = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    whole.no_padding()
+    return TextTokenizer(folder / "tokenizer.json", 64), whole
+
+
+def _whole_text_ids(folder: Path, texts: list[str]) -> list[list[int]]:
+    """The export's tokenizer on every text whole (offsets and all), truncated at its cap."""
+    return [e.ids for e in _tokenizers(folder)[1].encode_batch(texts, add_special_tokens=True)]
+
+
+# Characters around which a cut could go wrong: combining marks, a grapheme "prepend" mark, zero-width
+# joiners, no-break and ideographic spaces, full-width forms, tabs and newlines, the <mask> token (which
+# takes the space before it), characters the normalizer expands or drops.
+_TRICKY = [" ", " ", " ", "\t", "\n", "\u0301", "\u0600", "\u200d", "\u00a0", "\u3000", "ｆ", "ﷺ", "\u200b", "<mask>"]
+_WORDS = st.lists(
+    st.one_of(
+        st.sampled_from(_TRICKY),
+        st.sampled_from([*samples.skills("de")[:200], *samples.titles("zh")[:100], "https://x.org/a_b-c", "Ⅻ"]),
+        st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=12),
+    ),
+    min_size=40,
+    max_size=400,
+)
+
+
+def test_long_texts_cut_before_tokenizing_keep_the_whole_texts_ids(tiny_exports: dict) -> None:
+    """Real titles and skill lists, alone and run together far past the cap, in every language."""
+    folder = tiny_exports[("router", "fp32")]
+    tokenizer = _tokenizers(folder)[0]
+    titles = [t for language in samples.LANGUAGES for t in samples.titles(language)]
+    texts = [
+        *titles,
+        *(
+            ", ".join(samples.skills(language)[i : i + n])
+            for language in ("en", "de", "es")
+            for i in range(0, 3000, 97)
+            for n in (20, 60, 200)
+        ),
+        *(" ".join(titles[i : i + 120]) for i in range(0, len(titles) - 120, 37)),
+        *("".join(samples.titles("zh")[i : i + 300]) for i in range(0, 1500, 100)),  # no space: never cut
+        "python " * 2000,
+        "ß" * 600 + " end",  # no ASCII character before any space within the limit
+    ]
+    assert tokenizer.tokenize(texts).ids == _whole_text_ids(folder, texts)
+    cut = sum(cut_long_text(t, tokenizer.cut_chars) is not t for t in texts)
+    assert cut > 300, f"only {cut} texts were cut: the test would not see a wrong cut"
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(words=_WORDS, separators=st.lists(st.sampled_from(["", " ", ", ", "  "]), min_size=1, max_size=4))
+def test_generated_texts_cut_before_tokenizing_keep_the_whole_texts_ids(
+    tiny_exports: dict, words: list[str], separators: list[str]
+) -> None:
+    folder = tiny_exports[("router", "fp32")]
+    tokenizer = _tokenizers(folder)[0]
+    text = "".join(word + separators[i % len(separators)] for i, word in enumerate(words))
+    texts = [text, text[: tokenizer.cut_chars + 1], text[: tokenizer.cut_chars - 1] + " x"]
+    assert tokenizer.tokenize(texts).ids == _whole_text_ids(folder, texts)
+
+
+def test_the_cut_lands_only_between_ascii_characters_and_keeps_the_ids_at_its_edge(tiny_exports: dict) -> None:
+    """Every pair of characters around the space where a cut could land, the cut placed exactly there."""
+    folder = tiny_exports[("router", "fp32")]
+    tokenizer = _tokenizers(folder)[0]
+    limit = tokenizer.cut_chars
+    edges = ["a", ",", ")", "~", "ß", "é", "\u0301", "\u0600", "\u200d", "\u00a0", "高", "ｆ", "ﷺ", ">", "<mask>"]
+    texts = []
+    for before in edges:
+        for after in edges:
+            head = ("sql " * limit)[: limit - len(before)] + before
+            texts.append(head + " " + after + " python" * 80)
+    assert tokenizer.tokenize(texts).ids == _whole_text_ids(folder, texts)
+    printable = set(map(chr, range(0x21, 0x7F)))
+    for text in texts:
+        kept = cut_long_text(text, limit)
+        at = len(kept)
+        assert at <= limit and text.startswith(kept) and text[at] == " "
+        assert {text[at - 1], text[at + 1]} <= printable, repr(text[at - 3 : at + 4])
+        later = [i for i in range(at + 1, limit + 1) if text[i] == " " and {text[i - 1], text[i + 1]} <= printable]
+        assert not later, "the last such space within the limit"
+    assert cut_long_text("ü " * 600, limit) == "ü " * 600, "no space between ASCII characters: not cut"

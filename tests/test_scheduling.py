@@ -103,6 +103,22 @@ def test_bad_buckets_are_refused() -> None:
         check_buckets([0, 16], 64)
 
 
+def test_padding_gathers_every_chosen_row_whole_and_in_order(encoder_fp32: Encoder) -> None:
+    """`pad` gathers rows from one flat table; each padded row must be its text's ids, then pad ids."""
+    tokenizer = encoder_fp32.tokenizer
+    texts = ["", "Koch", "python, sql, " * 30, "高级软件开发人员", "Data Scientist", "a"]
+    tokenized = tokenizer.tokenize(texts)
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        rows = rng.choice(len(texts), size=int(rng.integers(1, len(texts) + 1)), replace=False)
+        width = int(tokenized.lengths[rows].max()) + int(rng.integers(0, 3))
+        batch = tokenizer.pad(tokenized, rows, width=width, height=len(rows) + int(rng.integers(0, 3)))
+        for out_row, row in enumerate(rows):
+            ids = tokenized.ids[row]
+            assert batch.input_ids[out_row].tolist() == ids + [tokenizer.pad_id] * (width - len(ids))
+            assert batch.attention_mask[out_row].tolist() == [1] * len(ids) + [0] * (width - len(ids))
+
+
 def test_extra_padding_rows_do_not_change_real_rows(encoder_fp32: Encoder) -> None:
     tokenized = encoder_fp32.tokenizer.tokenize(["Koch", "python, sql, data pipelines"])
     rows = np.array([1, 0])

@@ -9,6 +9,8 @@ filler rows (only CUDA graphs round the height up).
 The tokenizer (Rust) runs a call's texts on every core and releases the GIL
 meanwhile, so tokenizing ahead in a thread (`Tuning.overlap`) does not stall the
 thread that drives the device; offsets, which nothing here reads, are not computed.
+Padding gathers a batch's rows from one flat table of the chunk's ids with numpy,
+not row by row.
 
 Long texts are cut before tokenizing (`cut_long_text`): the model keeps only its
 first tokens, and tokenizing a 3,000-character text whole to keep 64 of its
@@ -22,6 +24,8 @@ either way (tests/test_tokenize.py checks it on real and generated texts).
 
 from __future__ import annotations
 
+import functools
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +41,15 @@ class Tokenized:
 
     ids: list[list[int]]
     lengths: np.ndarray
+
+    @functools.cached_property
+    def flat(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's ids end to end, and where each row starts: what `pad` gathers from, made
+        once per tokenized chunk, so no batch copies its rows one by one."""
+        flat = np.fromiter(itertools.chain.from_iterable(self.ids), dtype=np.int64, count=int(self.lengths.sum()))
+        starts = np.zeros(len(self.lengths), dtype=np.int64)
+        np.cumsum(self.lengths[:-1], out=starts[1:])
+        return flat, starts
 
 
 @dataclass(frozen=True)
@@ -129,9 +142,13 @@ class TextTokenizer:
         filler = self._filler[:width]
         lengths = np.full(height if height is not None else len(rows), len(filler), dtype=np.int64)
         lengths[: len(rows)] = real
+        positions = np.arange(width)
+        attention_mask = (positions[None, :] < lengths[:, None]).astype(np.int64)
         input_ids = np.full((len(lengths), width), self.pad_id, dtype=np.int64)
-        for out_row, row in enumerate(rows):
-            input_ids[out_row, : lengths[out_row]] = tokenized.ids[row]
+        if len(rows):
+            flat, starts = tokenized.flat
+            real_mask = attention_mask[: len(rows)].astype(bool)
+            gather = np.minimum(starts[rows][:, None] + positions[None, :], max(len(flat) - 1, 0))
+            input_ids[: len(rows)][real_mask] = flat[gather[real_mask]]
         input_ids[len(rows) :, : len(filler)] = filler
-        attention_mask = (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
         return Batch(input_ids=input_ids, attention_mask=attention_mask)

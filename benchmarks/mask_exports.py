@@ -32,17 +32,19 @@ def derive(export: Path, form: str) -> Path:
         raise ValueError(f"{export} has no fp32 encoder to derive an fp16 one with the {form!r} mask from")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
+    stale = {encoder_file("fp16"), manifest.variants["fp16"].merged_file}  # the merged graph has the old form
     for name in manifest.files:
-        if name != encoder_file("fp16"):
+        if name not in stale:
             os.link(export / name, out / name) if _same_device(export, out) else shutil.copy2(export / name, out / name)
     fp16 = out / encoder_file("fp16")
     nodes = write_variant(export / encoder_file("fp32"), fp16, "fp16", form)["nodes"]
     raw = dict(manifest.raw)
-    raw["files"] = {**raw["files"], fp16.name: {"sha256": sha256_file(fp16), "size": fp16.stat().st_size}}
+    kept = {name: facts for name, facts in raw["files"].items() if name not in stale}
+    raw["files"] = {**kept, fp16.name: {"sha256": sha256_file(fp16), "size": fp16.stat().st_size}}
     raw["variants"] = {
         **raw["variants"],
         "fp16": {
-            **raw["variants"]["fp16"],
+            **{key: value for key, value in raw["variants"]["fp16"].items() if key != "merged"},
             "nodes": nodes,
             "attention_mask": form,
             "validation": {"note": f"derived by benchmarks.mask_exports from {export}; not validated at export"},

@@ -53,6 +53,7 @@ def _jobbert_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
         "precision": encoder.precision,
         "provider": encoder.chain.encoder.get_providers()[0],
         "io_binding": True,
+        "graphs": "merged" if encoder.chain.merged else "chained",
     }
 
 

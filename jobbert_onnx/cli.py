@@ -42,6 +42,7 @@ def _export(args: argparse.Namespace) -> int:
         log=_stderr,
         allow_pickle=args.allow_pickle,
         attention_mask=args.attention_mask,
+        merged=args.merged,
     )
     return 0
 
@@ -274,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ATTENTION_MASKS,
         help="how every encoder variant's Attention nodes take the padding mask (default: lengths-starts for fp16, "
         "which CUDA's fused attention kernels accept on every GPU; lengths for the CPU variants)",
+    )
+    export.add_argument(
+        "--merged",
+        action="store_true",
+        help="also write the fp16 encoder, pooling and heads as one graph: one run per batch, CUDA's default "
+        "where it exists (about the fp16 encoder's size again on disk)",
     )
     export.add_argument(
         "--allow-pickle",

@@ -63,6 +63,16 @@ def head_file(route: str) -> str:
     return f"head_{route}.onnx"
 
 
+def merged_file(precision: str) -> str:
+    """File name of the graph that runs encoder, pooling and every head at once (`export --merged`)."""
+    return f"model.{precision}.onnx"
+
+
+def merged_output(route: str) -> str:
+    """The merged graph's output for one head: that head's [batch, dim] vectors."""
+    return f"{EMBEDDING}_{route}"
+
+
 class ManifestError(JobbertOnnxError, ValueError):
     """An export folder is missing, incomplete, or from an incompatible version."""
 
@@ -84,6 +94,7 @@ class Variant:
     file: str
     attention_mask: str
     validation: dict[str, Any]
+    merged_file: str | None = None  # encoder, pooling and every head in one graph (`export --merged`)
 
 
 @dataclass(frozen=True)
@@ -218,7 +229,11 @@ def read_manifest(folder: str | Path) -> Manifest:
         files = raw["files"]
         variants = {
             str(name): Variant(
-                str(name), str(facts["file"]), str(facts["attention_mask"]), dict(facts.get("validation") or {})
+                str(name),
+                str(facts["file"]),
+                str(facts["attention_mask"]),
+                dict(facts.get("validation") or {}),
+                str(facts["merged"]) if facts.get("merged") else None,
             )
             for name, facts in raw["variants"].items()
         }
@@ -250,6 +265,7 @@ def read_manifest(folder: str | Path) -> Manifest:
         )
     required = [
         *(v.file for v in manifest.variants.values()),
+        *(v.merged_file for v in manifest.variants.values() if v.merged_file),
         POOLING_FILE,
         TOKENIZER_FILE,
         *(head_file(r) for r in manifest.routes),

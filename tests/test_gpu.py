@@ -55,6 +55,22 @@ def test_every_attention_mask_form_matches_on_cuda(
         _parity_on_cuda(folder, st_models["router"].encode(texts, task=task), texts, task)
 
 
+def test_the_merged_graph_is_cudas_default_and_matches_fp32_pytorch(
+    cuda_ready: None, tiny_models: dict, st_models: dict[str, Any], tmp_path: Path
+) -> None:
+    folder = tmp_path / "merged"
+    export_model(str(tiny_models["router"]), folder, precision="fp16", merged=True, log=_quiet)
+    texts = parity_texts()
+    for task in ("anchor", "positive"):
+        reference = st_models["router"].encode(texts, task=task)
+        got = _parity_on_cuda(folder, reference, texts, task)
+        graphs = _parity_on_cuda(folder, reference, texts, task, tuning=Tuning(cuda_graphs=True))
+        chained = _parity_on_cuda(folder, reference, texts, task, tuning=Tuning(merged=False))
+        assert_close(got, chained, 2e-3, f"{task}: merged against chained")
+        assert_close(graphs, got, 2e-3, f"{task}: merged with CUDA graphs")
+    assert Encoder.load(folder, device="cuda").chain.merged, "the default on CUDA where the export has it"
+
+
 @pytest.mark.fullsize
 @pytest.mark.parametrize("task", ["anchor", "positive"])
 def test_full_size_fp16_on_cuda_matches_fp32_pytorch(

@@ -54,7 +54,7 @@ def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limit
     assert list(steps) == ["environment", "model", "tests", "placement", "capture", "benchmark", "profile"]
     for name, step in steps.items():
         assert step["status"] == "ok" or step["status"].startswith("skipped: no GPU"), (name, step["status"])
-    assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 11 tests")
+    assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 12 tests")
     assert steps["capture"]["cuda_graphs"]["status"] == "skipped: no GPU"
     assert steps["model"]["mask_copies_s"] >= 0, "the mask forms are copied in the model step, under its cap"
     assert steps["profile"]["profile"]["per_call"] == "skipped: no GPU"

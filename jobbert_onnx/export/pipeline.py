@@ -18,6 +18,7 @@ from jobbert_onnx import samples
 from jobbert_onnx._files import write_json
 from jobbert_onnx.errors import OutputExistsError, UsageError
 from jobbert_onnx.export import graphs
+from jobbert_onnx.export.merged import write_merged
 from jobbert_onnx.export.quantize import Calibration
 from jobbert_onnx.export.reference import TorchReference
 from jobbert_onnx.export.source import ModelSpec, read_model
@@ -34,6 +35,7 @@ from jobbert_onnx.manifest import (
     TOKENIZER_FILE,
     encoder_file,
     head_file,
+    merged_file,
     sha256_file,
 )
 from jobbert_onnx.runtime.memory import trim_heap
@@ -114,6 +116,7 @@ def export_model(
     log: Callable[[str], None] = print,
     allow_pickle: bool = False,
     attention_mask: str | None = None,
+    merged: bool = False,
 ) -> dict[str, Any]:
     """Export JobBERT-v3 to ONNX graphs, validate them against PyTorch, and write the manifest.
 
@@ -141,6 +144,9 @@ def export_model(
             variant (``lengths``, ``lengths-starts``, ``2d``; see `graphs.ATTENTION_MASKS`);
             None: per precision, ``lengths-starts`` for fp16 (a fused kernel on every NVIDIA
             GPU) and ``lengths`` for the CPU variants.
+        merged: Also write the fp16 encoder, pooling and every head as one graph
+            (`merged_file`): one run per batch, what CUDA runs by default where it exists
+            (`Tuning.merged`). It is validated like the chain.
 
     Returns:
         The manifest that was written.
@@ -165,6 +171,8 @@ def export_model(
             "the lengths-starts mask form is read right only by fp16's attention kernel (on CUDA, fp32 would "
             f"attend to padding): export {', '.join(sorted(set(precisions) - set(STARTS_PRECISIONS)))} without it"
         )
+    if merged and "fp16" not in precisions:
+        raise UsageError("--merged merges the fp16 variant (for CUDA): add fp16 to --precision, or drop --merged")
     masks = {name: attention_mask or graphs.DEFAULT_ATTENTION_MASK[name] for name in precisions}
     output = Path(output_dir).expanduser().resolve()
     _prepare_output(output, overwrite)
@@ -195,6 +203,12 @@ def export_model(
         graphs.write_pooling(work / POOLING_FILE, spec.hidden_size)
         for route, head in spec.heads.items():
             graphs.write_head(work / head_file(route), head)
+        if merged:
+            log("merging the fp16 encoder, pooling and heads into one graph ...")
+            facts = write_merged(work, encoder_file("fp16"), tuple(spec.heads), work / merged_file("fp16"))
+            variants["fp16"]["merged"] = merged_file("fp16")
+            variants["fp16"]["merged_nodes"] = facts["nodes"]
+            _release()
 
         manifest: dict[str, Any] = {
             "format": FORMAT_NAME,
@@ -282,6 +296,11 @@ def _log_figures(figures: dict[str, Any], log: Callable[[str], None]) -> None:
                 f"  {name} {route}: min cosine {head['min_cosine']:.7f}, "
                 f"mean {head['mean_cosine']:.7f} ({variant['device']})"
             )
+        for route, head in variant.get("merged", {}).get("heads", {}).items():
+            log(
+                f"  {name} {route}, merged graph: min cosine {head['min_cosine']:.7f}, "
+                f"mean {head['mean_cosine']:.7f} ({variant['device']})"
+            )
         if variant.get("note"):
             log(f"  {name}: {variant['note']}")
 
@@ -302,10 +321,11 @@ def _drop(
         )
         log(f"WARNING: {message}")
         warnings.warn(message, UserWarning, stacklevel=3)
-        (work / encoder_file(name)).unlink()
-        del manifest["files"][encoder_file(name)]
         variant = manifest["variants"].pop(name)
-        del variant["file"]
+        for file in (variant.pop("file"), variant.pop("merged", None)):
+            if file:
+                (work / file).unlink()
+                del manifest["files"][file]
         manifest["dropped"][name] = {"reason": reason, **variant}
         del figures["variants"][name]
     figures["passed"] = figures["token_ids_match"] and all(v["passed"] for v in figures["variants"].values())

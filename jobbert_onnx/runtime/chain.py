@@ -14,6 +14,10 @@ or fresh for one run, with the outputs allocated by the sessions. At most
 `MAX_SHAPES` shapes keep their buffers per thread (least recently used go
 first), so varied batch sizes cannot pile up device memory.
 
+With a merged graph (`export --merged`, `Tuning.merged`; CUDA's default where the
+export has one) a route is one stage: the graph that runs encoder, pooling and
+every head, bound to the one head's output, so a batch is one run.
+
 CUDA graphs replay the addresses they were captured on, so with them each
 shape's buffers are kept for the life of the chain (one set, used under a
 lock) and the shape gets its own ``gpu_graph_id``. A new shape first runs with
@@ -37,12 +41,14 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
+from jobbert_onnx.errors import UsageError
 from jobbert_onnx.manifest import (
     ATTENTION_MASK,
     EMBEDDING,
@@ -54,6 +60,7 @@ from jobbert_onnx.manifest import (
     ManifestError,
     Variant,
     head_file,
+    merged_output,
 )
 from jobbert_onnx.runtime.sessions import Device, DeviceError, create_session
 from jobbert_onnx.runtime.tokenize import Batch
@@ -184,10 +191,33 @@ class GraphChain:
                 manifest.path(name), device, threads, spinning=bool(tuning.spinning), cuda_graphs=self.cuda_graphs
             )
 
+        dim = manifest.output_dim
+        self.merged = uses_merged(tuning, variant, device)
+        self.routes: dict[str, tuple[Stage, ...]]
+        if self.merged:
+            # One session runs it all: `encoder`, `pooling` and every head name it.
+            name = str(variant.merged_file)
+            self.encoder = self.pooling = session(name)
+            self.heads = dict.fromkeys(manifest.routes, self.encoder)
+            self.routes = {
+                route: (
+                    Stage(
+                        f"merged:{route}", self.encoder, (INPUT_IDS, ATTENTION_MASK), merged_output(route), False, dim
+                    ),
+                )
+                for route in manifest.routes
+            }
+            _expect_merged(self.encoder, name, manifest.routes)
+        else:
+            self._chain(manifest, variant, session)
+        self._init_runs(device)
+
+    def _chain(self, manifest: Manifest, variant: Variant, session: Callable[[str], ort.InferenceSession]) -> None:
+        """The encoder, pooling and head sessions, chained."""
+        hidden, dim = manifest.hidden_size, manifest.output_dim
         self.encoder = session(variant.file)
         self.pooling = session(POOLING_FILE)
         self.heads = {route: session(head_file(route)) for route in manifest.routes}
-        hidden, dim = manifest.hidden_size, manifest.output_dim
         encoder = Stage("encoder", self.encoder, (INPUT_IDS, ATTENTION_MASK), TOKEN_EMBEDDINGS, True, hidden)
         pooling = Stage("pooling", self.pooling, (TOKEN_EMBEDDINGS, ATTENTION_MASK), SENTENCE_EMBEDDING, False, hidden)
         self.routes = {
@@ -199,6 +229,8 @@ class GraphChain:
         for route, stages in self.routes.items():
             _expect(stages[-1], head_file(route), {SENTENCE_EMBEDDING: np.float32})
 
+    def _init_runs(self, device: Device) -> None:
+        """Run options, and where buffers and captured graphs are kept."""
         self._options = {_NO_GRAPH: _run_options("gpu_graph_id", _NO_GRAPH)}
         arenas = f"gpu:{device.index};cpu:0" if device.kind == "cuda" else "cpu:0"
         self._shrink = _run_options("memory.enable_memory_arena_shrinkage", arenas)
@@ -340,6 +372,32 @@ def _run_options(key: str, value: str) -> ort.RunOptions:
     options = ort.RunOptions()
     options.add_run_config_entry(key, value)
     return options
+
+
+def uses_merged(tuning: Tuning, variant: Variant, device: Device) -> bool:
+    """Whether to run the variant's merged graph: as `tuning.merged` says, and by default on CUDA
+    where the export has one."""
+    if tuning.merged and not variant.merged_file:
+        raise UsageError(
+            f"merged=True, but this export has no merged {variant.precision} graph: export it again with "
+            "--merged (fp16), or leave Tuning.merged at None"
+        )
+    if tuning.merged is None:
+        return device.kind == "cuda" and variant.merged_file is not None
+    return bool(tuning.merged)
+
+
+def _expect_merged(session: ort.InferenceSession, name: str, routes: tuple[str, ...]) -> None:
+    """Check the merged graph takes the token inputs and gives one float32 output per head."""
+    found_in = {i.name: i.type for i in session.get_inputs()}
+    found_out = {o.name: o.type for o in session.get_outputs()}
+    wanted_in = {INPUT_IDS: _TYPES[np.dtype(np.int64)], ATTENTION_MASK: _TYPES[np.dtype(np.int64)]}
+    wanted_out = {merged_output(route): _TYPES[np.dtype(np.float32)] for route in routes}
+    if found_in != wanted_in or found_out != wanted_out:
+        raise ManifestError(
+            f"{name} takes {found_in} and gives {found_out}; expected {wanted_in} -> {wanted_out}. "
+            "The file is not from a compatible export: export the model again"
+        )
 
 
 def _expect(stage: Stage, name: str, inputs: dict[str, type]) -> None:

@@ -56,6 +56,10 @@ class Tuning:
         cuda_graphs: Capture one CUDA graph per batch shape and replay it (CUDA only). Batch
             rows are rounded up to a power of two, so few shapes arise; at most `MAX_CUDA_GRAPHS`
             shapes are captured. Default: off.
+        merged: Run the export's merged graph (encoder, pooling and every head in one graph,
+            written by ``export --merged``): one run per batch instead of three. Default: on
+            for CUDA where the export has it, else the chained graphs; True where the export
+            has none is an error.
         dedup: Encode each distinct text of a call once and copy its vector to the repeats
             (`encode` compares the texts, `encode_tokenized` the token ids); the vectors are the
             same either way. Default: on (HR data repeats itself; on all-distinct input the
@@ -78,6 +82,7 @@ class Tuning:
     cuda_graphs: bool | None = None
     spinning: bool | None = None
     shrink_above_tokens: int | None = None
+    merged: bool | None = None
     dedup: bool | None = None
 
     def resolve(self, device_kind: str, max_seq_length: int) -> Tuning:

@@ -72,6 +72,9 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
             _contender("jobbert-onnx fp16", ours, precision="fp16", merged=True),
             _contender("sentence-transformers PyTorch fp16", "st-torch", batch_sizes=[1024], precision="fp16"),
             _contender("jobbert-onnx fp16, chained graphs", ours, precision="fp16", merged=False),
+            _contender(
+                "jobbert-onnx fp16, one batch in flight", ours, batch_sizes=small, precision="fp16", in_flight=1
+            ),
             _contender("jobbert-onnx fp16, CUDA graphs", ours, batch_sizes=small, precision="fp16", cuda_graphs=True),
             _contender("jobbert-onnx fp16, mask 1D lengths", ours, batch_sizes=large, precision="fp16", mask="lengths"),
             _contender("jobbert-onnx fp16, mask 2D", ours, batch_sizes=large, precision="fp16", mask="2d"),

@@ -269,3 +269,44 @@ def test_bad_tuning_is_refused(tuning: Tuning, message: str) -> None:
 def test_unknown_tuning_options_are_named() -> None:
     with pytest.raises(ValueError, match="unknown tuning option cuda_graph; known: batch_size, buckets"):
         Tuning.from_options({"cuda_graph": True})
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_batches_in_flight_give_the_same_vectors_in_order(tiny_exports: dict, reuse: bool) -> None:
+    folder = tiny_exports[("router", "fp32")]
+    texts = [*parity_texts(), *(f"python, sql, docker {i}, " * (i % 9) for i in range(60))]
+    one = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(in_flight=1, reuse_buffers=reuse))
+    two = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(in_flight=3, reuse_buffers=reuse))
+    threads: set[str] = set()
+    real = two.chain.run
+
+    def run(batch: object, route: str) -> np.ndarray:
+        threads.add(threading.current_thread().name)
+        return real(batch, route)  # type: ignore[arg-type]
+
+    two.chain.run = run  # type: ignore[method-assign]
+    for task in ("anchor", "positive"):
+        assert np.array_equal(two.encode(texts, task=task, batch_size=5), one.encode(texts, task=task, batch_size=5))
+    assert len(threads) > 1 and all(name.startswith("jobbert-onnx-run") for name in threads)
+
+
+def test_a_failing_batch_in_flight_fails_the_call_and_leaves_nothing_running(tiny_exports: dict) -> None:
+    encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=Tuning(in_flight=2))
+    real = encoder.chain.run
+    started = []
+
+    def run(batch: object, route: str) -> np.ndarray:
+        started.append(1)
+        if len(started) == 3:
+            raise RuntimeError("the device went away")
+        return real(batch, route)  # type: ignore[arg-type]
+
+    encoder.chain.run = run  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="the device went away"):
+        encoder.encode([f"Koch {i}" for i in range(40)], batch_size=4)
+    count = len(started)
+    assert encoder._pool is not None
+    encoder._pool.submit(lambda: None).result()  # the pool still works, and nothing more started
+    assert len(started) == count <= 4
+    assert Tuning(in_flight=4, cuda_graphs=True).resolve("cuda", 64).in_flight == 1, "CUDA graphs take turns"
+    assert (Tuning().resolve("cuda", 64).in_flight, Tuning().resolve("cpu", 64).in_flight) == (2, 1)

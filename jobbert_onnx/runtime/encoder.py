@@ -5,7 +5,10 @@ sentence-transformers folder."""
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator, Sequence
+import threading
+from collections import deque
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -74,6 +77,25 @@ def _check_unicode(text: str, index: int) -> None:
         ) from None
 
 
+_POOL_LOCK = threading.Lock()
+
+
+class _Seen:
+    """What a call's batches held: padded tokens in all, and whether one was huge."""
+
+    def __init__(self) -> None:
+        self.padded_tokens = 0
+        self.huge = False
+
+    def count(
+        self, batches: Iterator[tuple[np.ndarray, Batch]], is_huge: Callable[[Batch], bool]
+    ) -> Iterator[tuple[np.ndarray, Batch]]:
+        for rows, batch in batches:
+            self.padded_tokens += batch.input_ids.size
+            self.huge = self.huge or is_huge(batch)
+            yield rows, batch
+
+
 class Encoder:
     """JobBERT-v3 from an export folder, on onnxruntime, without torch.
 
@@ -97,6 +119,7 @@ class Encoder:
         self.variant: Variant = chain.variant
         self.tuning: Tuning = chain.tuning
         self.tokenizer = TextTokenizer(manifest.path(TOKENIZER_FILE), manifest.max_seq_length)
+        self._pool: ThreadPoolExecutor | None = None  # the run threads of `Tuning.in_flight`, made on first use
 
     @classmethod
     def load(
@@ -280,22 +303,53 @@ class Encoder:
         heap pages go back to the OS.
         """
         out = np.empty((count, self.get_sentence_embedding_dimension()), dtype=np.float32)
-        padded_tokens = 0
-        huge = False
-        for rows, batch in batches:
-            out[rows] = self.chain.run(batch, route)[: len(rows)]
-            padded_tokens += batch.input_ids.size
-            huge = huge or self.chain.is_huge(batch)
+        seen = _Seen()
+        for rows, vectors in self._in_flight(seen.count(batches, self.chain.is_huge), route):
+            out[rows] = vectors[: len(rows)]
             if progress is not None:
                 progress.update(len(rows))
         if progress is not None:
             progress.close()
+        padded_tokens, huge = seen.padded_tokens, seen.huge
         if huge:
             self.chain.release(route)
         limit = self.tuning.shrink_above_tokens
         if limit and padded_tokens > limit:
             trim_heap()
         return out
+
+    def _in_flight(
+        self, batches: Iterator[tuple[np.ndarray, Batch]], route: str
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(rows, vectors) per batch, in order. With `Tuning.in_flight` above one, the next batches
+        start on the encoder's run threads while the current one runs: one batch copies in and
+        launches while another computes (each thread keeps its own buffers)."""
+        depth = int(self.tuning.in_flight or 1)
+        if depth <= 1:
+            for rows, batch in batches:
+                yield rows, self.chain.run(batch, route)
+            return
+        pool = self._run_pool(depth)
+        pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        try:
+            for rows, batch in batches:
+                pending.append((rows, pool.submit(self.chain.run, batch, route)))
+                if len(pending) >= depth:
+                    done_rows, future = pending.popleft()
+                    yield done_rows, future.result()
+            while pending:
+                done_rows, future = pending.popleft()
+                yield done_rows, future.result()
+        finally:
+            for _, future in pending:  # a failed or abandoned call leaves nothing running
+                future.cancel()
+            wait([future for _, future in pending])
+
+    def _run_pool(self, depth: int) -> ThreadPoolExecutor:
+        with _POOL_LOCK:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(max_workers=depth, thread_name_prefix="jobbert-onnx-run")
+            return self._pool
 
     def _batches(self, texts: list[str], batch_size: int) -> Iterator[tuple[np.ndarray, Batch]]:
         """(input rows, padded batch) pairs: tokenized a chunk at a time, longest first within it.

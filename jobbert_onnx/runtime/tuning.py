@@ -27,6 +27,8 @@ CPU_BUCKETS = (8, 12, 16, 24, 32, 48, 64)
 CPU_BATCH_SIZE = 32
 CUDA_BATCH_SIZE = 4096
 CUDA_TOKEN_BUDGET = 32768
+# Batches of one call in flight on CUDA: one computes while the next copies in and launches.
+CUDA_IN_FLIGHT = 2
 # Batches of more padded tokens than this (512 full-length skill lists) run with buffers
 # the sessions allocate, and the call ends by shrinking onnxruntime's memory arenas
 # (studies/HISTORY.md). A token budget above it raises it to the budget: batches the
@@ -49,6 +51,9 @@ class Tuning:
         overlap: Tokenize the next batches in a thread while the device runs the current one.
             Default: on for CUDA; off on the CPU, where the thread would take a core from the
             graphs. Either way only calls of two batches or more start the thread.
+        in_flight: Batches of one call run at once, each on a run thread of its own: while one
+            computes, the next copies in and launches. Default: 2 on CUDA; 1 on the CPU, where
+            onnxruntime's threads already take every core. With CUDA graphs runs take turns, so 1.
         pad_to_bucket: Pad batches to their bucket's length, not their longest row. Default: on
             for CUDA, where fewer shapes pay; off on the CPU, where every padded token costs time.
         reuse_buffers: Keep device buffers and IO bindings per batch shape and update them in
@@ -77,6 +82,7 @@ class Tuning:
     batch_size: int | None = None
     token_budget: int | None = None
     overlap: bool | None = None
+    in_flight: int | None = None
     pad_to_bucket: bool | None = None
     reuse_buffers: bool | None = None
     cuda_graphs: bool | None = None
@@ -104,7 +110,7 @@ class Tuning:
         buckets = check_buckets(buckets, max_seq_length) if buckets else ()
         if cuda_graphs and not buckets:
             raise UsageError("cuda_graphs=True needs length buckets (one graph per shape); leave buckets at None")
-        for name, least in (("batch_size", 1), ("token_budget", 1), ("shrink_above_tokens", 0)):
+        for name, least in (("batch_size", 1), ("token_budget", 1), ("in_flight", 1), ("shrink_above_tokens", 0)):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 what = "a positive integer" if least else "a positive integer (0: never)"
@@ -121,6 +127,7 @@ class Tuning:
             batch_size=self.batch_size or (CUDA_BATCH_SIZE if on_cuda else CPU_BATCH_SIZE),
             token_budget=budget,
             overlap=on_cuda if self.overlap is None else bool(self.overlap),
+            in_flight=1 if cuda_graphs else (self.in_flight or (CUDA_IN_FLIGHT if on_cuda else 1)),
             pad_to_bucket=cuda_graphs or (on_cuda if self.pad_to_bucket is None else bool(self.pad_to_bucket)),
             reuse_buffers=cuda_graphs or (on_cuda if self.reuse_buffers is None else bool(self.reuse_buffers)),
             cuda_graphs=cuda_graphs,

@@ -75,6 +75,7 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
             _contender(
                 "jobbert-onnx fp16, one batch in flight", ours, batch_sizes=small, precision="fp16", in_flight=1
             ),
+            _contender("jobbert-onnx fp16, padding removed (packed)", ours, precision="fp16", packed=True),
             _contender("jobbert-onnx fp16, CUDA graphs", ours, batch_sizes=small, precision="fp16", cuda_graphs=True),
             _contender("jobbert-onnx fp16, mask 1D lengths", ours, batch_sizes=large, precision="fp16", mask="lengths"),
             _contender("jobbert-onnx fp16, mask 2D", ours, batch_sizes=large, precision="fp16", mask="2d"),
@@ -377,6 +378,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed = time.perf_counter() - started
         if args.device == "cpu" and contender["options"].get("cuda_graphs"):
             results.append({"contender": contender["name"], "error": "CUDA graphs need a GPU"})
+        elif args.device == "cpu" and contender["options"].get("packed"):
+            results.append({"contender": contender["name"], "error": "the packed encoder needs a GPU"})
         elif args.deadline_s is not None and elapsed > args.deadline_s:
             late = f"past the {args.deadline_s:.0f} s deadline"
             results.append({"contender": contender["name"], "error": late})

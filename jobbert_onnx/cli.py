@@ -43,6 +43,7 @@ def _export(args: argparse.Namespace) -> int:
         allow_pickle=args.allow_pickle,
         attention_mask=args.attention_mask,
         merged=args.merged,
+        packed=args.packed,
     )
     return 0
 
@@ -281,6 +282,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write the fp16 encoder, pooling and heads as one graph: one run per batch, CUDA's default "
         "where it exists (about the fp16 encoder's size again on disk)",
+    )
+    export.add_argument(
+        "--packed",
+        action="store_true",
+        help="also write the fp16 encoder without padding inside (RemovePadding, PackedAttention: CUDA only), "
+        "run with Tuning(packed=True)",
     )
     export.add_argument(
         "--allow-pickle",

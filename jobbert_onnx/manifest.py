@@ -68,6 +68,11 @@ def merged_file(precision: str) -> str:
     return f"model.{precision}.onnx"
 
 
+def packed_file(precision: str) -> str:
+    """File name of the encoder that computes on real tokens only (`export --packed`, CUDA only)."""
+    return f"encoder.{precision}.packed.onnx"
+
+
 def merged_output(route: str) -> str:
     """The merged graph's output for one head: that head's [batch, dim] vectors."""
     return f"{EMBEDDING}_{route}"
@@ -95,6 +100,7 @@ class Variant:
     attention_mask: str
     validation: dict[str, Any]
     merged_file: str | None = None  # encoder, pooling and every head in one graph (`export --merged`)
+    packed_file: str | None = None  # the encoder without padding inside (`export --packed`, CUDA only)
 
 
 @dataclass(frozen=True)
@@ -234,6 +240,7 @@ def read_manifest(folder: str | Path) -> Manifest:
                 str(facts["attention_mask"]),
                 dict(facts.get("validation") or {}),
                 str(facts["merged"]) if facts.get("merged") else None,
+                str(facts["packed"]) if facts.get("packed") else None,
             )
             for name, facts in raw["variants"].items()
         }
@@ -266,6 +273,7 @@ def read_manifest(folder: str | Path) -> Manifest:
     required = [
         *(v.file for v in manifest.variants.values()),
         *(v.merged_file for v in manifest.variants.values() if v.merged_file),
+        *(v.packed_file for v in manifest.variants.values() if v.packed_file),
         POOLING_FILE,
         TOKENIZER_FILE,
         *(head_file(r) for r in manifest.routes),

@@ -71,6 +71,23 @@ def test_the_merged_graph_is_cudas_default_and_matches_fp32_pytorch(
     assert Encoder.load(folder, device="cuda").chain.merged, "the default on CUDA where the export has it"
 
 
+def test_the_packed_encoder_on_cuda_matches_fp32_pytorch_and_its_batches(
+    cuda_ready: None, tiny_models: dict, st_models: dict[str, Any], tmp_path: Path
+) -> None:
+    """No padding inside: the export validates it on CUDA, and a text's vector does not depend on its batch."""
+    folder = tmp_path / "packed"
+    manifest = export_model(str(tiny_models["router"]), folder, precision="fp16", packed=True, log=_quiet)
+    assert manifest["variants"]["fp16"]["validation"]["packed"]["heads"], "validated on CUDA at export"
+    texts = parity_texts()
+    encoder = Encoder.load(folder, device="cuda", tuning=Tuning(packed=True))
+    for task in ("anchor", "positive"):
+        got = _parity_on_cuda(
+            folder, st_models["router"].encode(texts, task=task), texts, task, tuning=Tuning(packed=True)
+        )
+        alone = np.stack([encoder.encode(text, task=task) for text in texts])
+        assert_close(got, alone, 2e-3, f"{task}: packed, batch against alone")
+
+
 @pytest.mark.fullsize
 @pytest.mark.parametrize("task", ["anchor", "positive"])
 def test_full_size_fp16_on_cuda_matches_fp32_pytorch(

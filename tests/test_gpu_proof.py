@@ -54,7 +54,7 @@ def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limit
     assert list(steps) == ["environment", "model", "tests", "placement", "capture", "benchmark", "profile"]
     for name, step in steps.items():
         assert step["status"] == "ok" or step["status"].startswith("skipped: no GPU"), (name, step["status"])
-    assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 12 tests")
+    assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 13 tests")
     assert steps["capture"]["cuda_graphs"]["status"] == "skipped: no GPU"
     assert steps["model"]["mask_copies_s"] >= 0, "the mask forms are copied in the model step, under its cap"
     assert steps["profile"]["profile"]["per_call"] == "skipped: no GPU"
@@ -69,6 +69,9 @@ def test_the_rehearsal_measures_the_gpu_contenders_on_the_cpu(rehearsal: Path) -
     bench = json.loads((rehearsal / "bench-cpu.json").read_text())
     results = {c["contender"]: c for c in bench["contenders"]}
     assert results["jobbert-onnx fp16, CUDA graphs"]["error"] == "CUDA graphs need a GPU"
+    assert results["jobbert-onnx fp16, padding removed (packed)"]["error"] == "the packed encoder needs a GPU"
+    assert results["jobbert-onnx fp16"]["graphs"] == "merged"
+    assert results["jobbert-onnx fp16, chained graphs"]["graphs"] == "chained"
     for name in ("jobbert-onnx fp16", "jobbert-onnx fp16, mask 1D lengths", "jobbert-onnx fp16, mask 2D"):
         for workload in ("titles", "skill_lists"):
             row = results[name]["workloads"][workload]
@@ -87,7 +90,8 @@ def test_the_rehearsal_imports_onnxruntime_from_a_folder_that_shadows_site_packa
     own = facts["proof_process"]["onnxruntime"]["file"]
     assert "shadow-site" in own and facts["steps"]["environment"]["facts"]["onnxruntime_file"] == own
     bench = json.loads((rehearsal / "bench-cpu.json").read_text())
-    assert all("error" not in c or "CUDA graphs" in c["error"] for c in bench["contenders"]), "every worker checked"
+    gpu_only = ("CUDA graphs need a GPU", "the packed encoder needs a GPU")
+    assert all(c.get("error", gpu_only[0]) in gpu_only for c in bench["contenders"]), "every worker checked"
 
 
 @pytest.mark.slow

@@ -80,7 +80,7 @@ def test_the_merged_graph_is_cudas_default_and_never_the_cpus(merged_export: Pat
 
 
 def test_merged_asks_for_fp16(tiny_models: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="--merged merges the fp16 variant"):
+    with pytest.raises(ValueError, match="--merged applies to the fp16 variant"):
         export_model(str(tiny_models["router"]), tmp_path / "x", precision="fp32", merged=True, log=_quiet)
     assert not (tmp_path / "x").exists()
 

@@ -221,7 +221,8 @@ def _model(proof: Proof, cap: float) -> dict[str, Any]:
         timings["export"] = "reused: validated on this device by an earlier run"
     else:
         started = time.perf_counter()
-        argv = ["export", str(model), str(export), "--overwrite", "--precision", ",".join(precisions), "--merged"]
+        argv = ["export", str(model), str(export), "--overwrite", "--precision", ",".join(precisions)]
+        argv += ["--merged", "--packed"]
         proof.module("jobbert_onnx.cli", *argv, "--validate-device", proof.device, cap=deadline - time.perf_counter())
         timings["export_s"] = round(time.perf_counter() - started, 1)
     if not proof.quick:  # the other mask forms, for placement and the benchmark (CPU work, so here)
@@ -253,7 +254,7 @@ def _reusable(export: Path, precisions: tuple[str, ...], device: str) -> bool:
     variants = manifest.get("variants", {})
     return (
         bool(manifest.get("validation", {}).get("passed"))
-        and "merged" in variants.get("fp16", {})
+        and {"merged", "packed"} <= set(variants.get("fp16", {}))
         and all(
             name in variants and variants[name].get("validation", {}).get("device", "").startswith(device)
             for name in precisions

@@ -19,6 +19,7 @@ from jobbert_onnx._files import write_json
 from jobbert_onnx.errors import OutputExistsError, UsageError
 from jobbert_onnx.export import graphs
 from jobbert_onnx.export.merged import write_merged
+from jobbert_onnx.export.packed import write_packed
 from jobbert_onnx.export.quantize import Calibration
 from jobbert_onnx.export.reference import TorchReference
 from jobbert_onnx.export.source import ModelSpec, read_model
@@ -36,6 +37,7 @@ from jobbert_onnx.manifest import (
     encoder_file,
     head_file,
     merged_file,
+    packed_file,
     sha256_file,
 )
 from jobbert_onnx.runtime.memory import trim_heap
@@ -117,6 +119,7 @@ def export_model(
     allow_pickle: bool = False,
     attention_mask: str | None = None,
     merged: bool = False,
+    packed: bool = False,
 ) -> dict[str, Any]:
     """Export JobBERT-v3 to ONNX graphs, validate them against PyTorch, and write the manifest.
 
@@ -147,6 +150,9 @@ def export_model(
         merged: Also write the fp16 encoder, pooling and every head as one graph
             (`merged_file`): one run per batch, what CUDA runs by default where it exists
             (`Tuning.merged`). It is validated like the chain.
+        packed: Also write the fp16 encoder without padding inside (`packed_file`:
+            RemovePadding, PackedAttention, RestorePadding), which only CUDA runs
+            (`Tuning.packed`); validated where the validation runs on CUDA.
 
     Returns:
         The manifest that was written.
@@ -171,8 +177,9 @@ def export_model(
             "the lengths-starts mask form is read right only by fp16's attention kernel (on CUDA, fp32 would "
             f"attend to padding): export {', '.join(sorted(set(precisions) - set(STARTS_PRECISIONS)))} without it"
         )
-    if merged and "fp16" not in precisions:
-        raise UsageError("--merged merges the fp16 variant (for CUDA): add fp16 to --precision, or drop --merged")
+    for flag, asked in (("--merged", merged), ("--packed", packed)):
+        if asked and "fp16" not in precisions:
+            raise UsageError(f"{flag} applies to the fp16 variant (for CUDA): add fp16 to --precision, or drop {flag}")
     masks = {name: attention_mask or graphs.DEFAULT_ATTENTION_MASK[name] for name in precisions}
     output = Path(output_dir).expanduser().resolve()
     _prepare_output(output, overwrite)
@@ -208,6 +215,12 @@ def export_model(
             facts = write_merged(work, encoder_file("fp16"), tuple(spec.heads), work / merged_file("fp16"))
             variants["fp16"]["merged"] = merged_file("fp16")
             variants["fp16"]["merged_nodes"] = facts["nodes"]
+            _release()
+        if packed:
+            log("writing the fp16 encoder without padding inside (CUDA only) ...")
+            facts = write_packed(fused, work / packed_file("fp16"))
+            variants["fp16"]["packed"] = packed_file("fp16")
+            variants["fp16"]["packed_nodes"] = facts["nodes"]
             _release()
 
         manifest: dict[str, Any] = {
@@ -296,11 +309,14 @@ def _log_figures(figures: dict[str, Any], log: Callable[[str], None]) -> None:
                 f"  {name} {route}: min cosine {head['min_cosine']:.7f}, "
                 f"mean {head['mean_cosine']:.7f} ({variant['device']})"
             )
-        for route, head in variant.get("merged", {}).get("heads", {}).items():
-            log(
-                f"  {name} {route}, merged graph: min cosine {head['min_cosine']:.7f}, "
-                f"mean {head['mean_cosine']:.7f} ({variant['device']})"
-            )
+        for form in ("merged", "packed"):
+            for route, head in variant.get(form, {}).get("heads", {}).items():
+                log(
+                    f"  {name} {route}, {form}: min cosine {head['min_cosine']:.7f}, "
+                    f"mean {head['mean_cosine']:.7f} ({variant['device']})"
+                )
+            if variant.get(form, {}).get("note"):
+                log(f"  {name} {form}: {variant[form]['note']}")
         if variant.get("note"):
             log(f"  {name}: {variant['note']}")
 
@@ -322,7 +338,7 @@ def _drop(
         log(f"WARNING: {message}")
         warnings.warn(message, UserWarning, stacklevel=3)
         variant = manifest["variants"].pop(name)
-        for file in (variant.pop("file"), variant.pop("merged", None)):
+        for file in (variant.pop("file"), variant.pop("merged", None), variant.pop("packed", None)):
             if file:
                 (work / file).unlink()
                 del manifest["files"][file]

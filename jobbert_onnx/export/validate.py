@@ -26,6 +26,10 @@ FP16_ON_CPU = (
     "fp16 ran on the CPU, where onnxruntime computes fp16 nodes in fp32 between casts: "
     "these figures check the fp16 weights and graph, not fp16 arithmetic, which only a GPU run shows"
 )
+PACKED_ON_CPU = (
+    "not validated: the packed encoder's RemovePadding and PackedAttention have CUDA kernels only; "
+    "validate on CUDA (--validate-device cuda) or run the GPU tests"
+)
 
 
 class ExportValidationError(JobbertOnnxError, RuntimeError):
@@ -100,6 +104,13 @@ def validate_export(
             merged = Encoder(manifest, GraphChain(manifest, variant, on, replace(tuning, merged=True)))
             figures_of["merged"] = {"file": variant.merged_file, "heads": {}}
             ok = _compare(merged, expected, figures_of["merged"]["heads"], least, mean) and ok
+        if variant.packed_file:  # CUDA kernels only: compared where the validation runs on CUDA
+            figures_of["packed"] = {"file": variant.packed_file, "heads": {}}
+            if encoder.device.kind == "cuda":
+                packed = Encoder(manifest, GraphChain(manifest, variant, on, replace(tuning, packed=True)))
+                ok = _compare(packed, expected, figures_of["packed"]["heads"], least, mean) and ok
+            else:
+                figures_of["packed"]["note"] = PACKED_ON_CPU
         figures_of["passed"] = ok
         figures["variants"][precision] = figures_of
         passed = passed and ok
@@ -133,8 +144,9 @@ def describe_failure(figures: dict[str, Any], only: str | None = None) -> str:
         if only is not None and precision != only:
             continue
         forms = [(precision, variant["heads"])]
-        if "merged" in variant:
-            forms.append((f"{precision} merged graph", variant["merged"]["heads"]))
+        for form in ("merged", "packed"):
+            if form in variant:
+                forms.append((f"{precision} {form}", variant[form]["heads"]))
         for name, heads in forms:
             for route, head in heads.items():
                 if head["min_cosine"] < variant["min_cosine_required"]:

@@ -209,13 +209,13 @@ class GraphChain:
             }
             _expect_merged(self.encoder, name, manifest.routes)
         else:
-            self._chain(manifest, variant, session)
+            self._chain(manifest, encoder_graph(tuning, variant, device), session)
         self._init_runs(device)
 
-    def _chain(self, manifest: Manifest, variant: Variant, session: Callable[[str], ort.InferenceSession]) -> None:
+    def _chain(self, manifest: Manifest, encoder_file: str, session: Callable[[str], ort.InferenceSession]) -> None:
         """The encoder, pooling and head sessions, chained."""
         hidden, dim = manifest.hidden_size, manifest.output_dim
-        self.encoder = session(variant.file)
+        self.encoder = session(encoder_file)
         self.pooling = session(POOLING_FILE)
         self.heads = {route: session(head_file(route)) for route in manifest.routes}
         encoder = Stage("encoder", self.encoder, (INPUT_IDS, ATTENTION_MASK), TOKEN_EMBEDDINGS, True, hidden)
@@ -224,7 +224,7 @@ class GraphChain:
             route: (encoder, pooling, Stage(f"head:{route}", head, (SENTENCE_EMBEDDING,), EMBEDDING, False, dim))
             for route, head in self.heads.items()
         }
-        _expect(encoder, variant.file, {INPUT_IDS: np.int64, ATTENTION_MASK: np.int64})
+        _expect(encoder, encoder_file, {INPUT_IDS: np.int64, ATTENTION_MASK: np.int64})
         _expect(pooling, POOLING_FILE, {TOKEN_EMBEDDINGS: np.float32, ATTENTION_MASK: np.int64})
         for route, stages in self.routes.items():
             _expect(stages[-1], head_file(route), {SENTENCE_EMBEDDING: np.float32})
@@ -374,9 +374,26 @@ def _run_options(key: str, value: str) -> ort.RunOptions:
     return options
 
 
+def encoder_graph(tuning: Tuning, variant: Variant, device: Device) -> str:
+    """The encoder file the chain runs: the variant's, or with `tuning.packed` its packed form (CUDA only)."""
+    if not tuning.packed:
+        return variant.file
+    if tuning.merged:
+        raise UsageError("packed=True and merged=True exclude each other: the packed encoder runs in the chain")
+    if device.kind != "cuda":
+        raise UsageError("packed=True needs device='cuda': RemovePadding and PackedAttention have CUDA kernels only")
+    if not variant.packed_file:
+        raise UsageError(
+            f"packed=True, but this export has no packed {variant.precision} encoder: export it again with --packed"
+        )
+    return variant.packed_file
+
+
 def uses_merged(tuning: Tuning, variant: Variant, device: Device) -> bool:
     """Whether to run the variant's merged graph: as `tuning.merged` says, and by default on CUDA
-    where the export has one."""
+    where the export has one (not with the packed encoder, which runs in the chain)."""
+    if tuning.packed:
+        return False
     if tuning.merged and not variant.merged_file:
         raise UsageError(
             f"merged=True, but this export has no merged {variant.precision} graph: export it again with "

@@ -17,7 +17,7 @@ import numpy as np
 from jobbert_onnx.errors import UsageError, WrongTypeError
 from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
 from jobbert_onnx.runtime.batching import BatchPlan, plan_batches
-from jobbert_onnx.runtime.chain import GraphChain, uses_merged
+from jobbert_onnx.runtime.chain import GraphChain, encoder_graph, uses_merged
 from jobbert_onnx.runtime.memory import trim_heap
 from jobbert_onnx.runtime.prefetch import prefetch
 from jobbert_onnx.runtime.progress import Progress
@@ -158,7 +158,7 @@ class Encoder:
         variant = manifest.choose_variant(resolved.kind, precision)
         chosen = (tuning or Tuning()).resolve(resolved.kind, manifest.max_seq_length)
         if verify:
-            graphs = [variant.file, POOLING_FILE, *(head_file(r) for r in manifest.routes)]
+            graphs = [encoder_graph(chosen, variant, resolved), POOLING_FILE, *(head_file(r) for r in manifest.routes)]
             if uses_merged(chosen, variant, resolved):
                 graphs = [str(variant.merged_file)]
             manifest.verify([*graphs, TOKENIZER_FILE])

@@ -65,6 +65,10 @@ class Tuning:
             written by ``export --merged``): one run per batch instead of three. Default: on
             for CUDA where the export has it, else the chained graphs; True where the export
             has none is an error.
+        packed: Run the fp16 encoder that computes on real tokens only (``export --packed``:
+            RemovePadding and PackedAttention, CUDA kernels only), chained with pooling and the
+            head. Default: off (the GPU proof measures it against the padded encoder). An error
+            on the CPU, where an export lacks it, or together with ``merged=True``.
         dedup: Encode each distinct text of a call once and copy its vector to the repeats
             (`encode` compares the texts, `encode_tokenized` the token ids); the vectors are the
             same either way. Default: on (HR data repeats itself; on all-distinct input the
@@ -89,6 +93,7 @@ class Tuning:
     spinning: bool | None = None
     shrink_above_tokens: int | None = None
     merged: bool | None = None
+    packed: bool | None = None
     dedup: bool | None = None
 
     def resolve(self, device_kind: str, max_seq_length: int) -> Tuning:

@@ -288,6 +288,9 @@ def test_batches_in_flight_give_the_same_vectors_in_order(tiny_exports: dict, re
     for task in ("anchor", "positive"):
         assert np.array_equal(two.encode(texts, task=task, batch_size=5), one.encode(texts, task=task, batch_size=5))
     assert len(threads) > 1 and all(name.startswith("jobbert-onnx-run") for name in threads)
+    threads.clear()
+    two.encode("Koch")
+    assert threads == {threading.current_thread().name}, "one batch runs on the caller's thread, no hand-off"
 
 
 def test_a_failing_batch_in_flight_fails_the_call_and_leaves_nothing_running(tiny_exports: dict) -> None:

@@ -5,6 +5,7 @@ sentence-transformers folder."""
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -323,16 +324,19 @@ class Encoder:
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows, vectors) per batch, in order. With `Tuning.in_flight` above one, the next batches
         start on the encoder's run threads while the current one runs: one batch copies in and
-        launches while another computes (each thread keeps its own buffers)."""
+        launches while another computes (each thread keeps its own buffers). A call of one batch
+        (a single text, most online calls) runs on the caller's thread, without a hand-off."""
         depth = int(self.tuning.in_flight or 1)
-        if depth <= 1:
-            for rows, batch in batches:
+        pending_batches = iter(batches)
+        head = list(itertools.islice(pending_batches, 2))
+        if depth <= 1 or len(head) < 2:
+            for rows, batch in itertools.chain(head, pending_batches):
                 yield rows, self.chain.run(batch, route)
             return
         pool = self._run_pool(depth)
         pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
         try:
-            for rows, batch in batches:
+            for rows, batch in itertools.chain(head, pending_batches):
                 pending.append((rows, pool.submit(self.chain.run, batch, route)))
                 if len(pending) >= depth:
                     done_rows, future = pending.popleft()

@@ -1,6 +1,11 @@
 """Copies of an export whose fp16 encoder takes the attention mask in another form, to measure the forms.
 
-    python -m benchmarks.mask_exports EXPORT FORM [FORM ...]     # e.g. lengths 2d
+    python -m benchmarks.mask_exports EXPORT FORM [FORM ...]     # e.g. lengths 2d packed
+
+``packed`` adds the packed fp16 encoder (`export --packed`) to EXPORT itself, made from its
+fp32 encoder: the GPU proof adds it apart from the export, so that a packed encoder that
+misses its gate costs the proof one contender, not its export. The benchmark compares its
+vectors with the PyTorch reference like every contender's.
 
 The fp16 variant is rewritten from the export's fp32 encoder (the fused graph,
 with the optimizer's "lengths" form) by the exporter's own `write_variant`; the
@@ -58,12 +63,38 @@ def _same_device(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
 
 
+def add_packed(export: Path) -> Path:
+    """Write the packed fp16 encoder into `export` (from its fp32 encoder) and list it in the manifest."""
+    from jobbert_onnx.export.packed import write_packed
+    from jobbert_onnx.manifest import packed_file
+
+    manifest = read_manifest(export)
+    if manifest.variants["fp16"].packed_file:
+        return export
+    if "fp32" not in manifest.variants:
+        raise ValueError(f"{export} has no fp32 encoder to make the packed fp16 encoder from")
+    path = export / packed_file("fp16")
+    facts = write_packed(export / encoder_file("fp32"), path)
+    raw = dict(manifest.raw)
+    raw["files"] = {**raw["files"], path.name: {"sha256": sha256_file(path), "size": path.stat().st_size}}
+    fp16 = dict(raw["variants"]["fp16"])
+    fp16["packed"] = path.name
+    fp16["packed_nodes"] = facts["nodes"]
+    fp16["validation"] = {
+        **fp16["validation"],
+        "packed": {"file": path.name, "heads": {}, "note": "added by benchmarks.mask_exports; not validated at export"},
+    }
+    raw["variants"] = {**raw["variants"], "fp16": fp16}
+    (export / MANIFEST_NAME).write_text(json.dumps(raw, indent=2) + "\n")
+    return export
+
+
 def main(argv: list[str]) -> int:
     if len(argv) < 2:
         raise SystemExit("usage: python -m benchmarks.mask_exports EXPORT FORM [FORM ...]")
     export = Path(argv[0])
     for form in argv[1:]:
-        print(derive(export, form))
+        print(add_packed(export) if form == "packed" else derive(export, form))
     return 0
 
 

@@ -57,6 +57,8 @@ def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limit
     assert steps["tests"]["status"].startswith("skipped: no GPU (collected: 13 tests")
     assert steps["capture"]["cuda_graphs"]["status"] == "skipped: no GPU"
     assert steps["model"]["mask_copies_s"] >= 0, "the mask forms are copied in the model step, under its cap"
+    fp16 = steps["model"]["validation"]["fp16"]
+    assert fp16["merged"] and fp16["packed"] == "added by benchmarks.mask_exports; not validated at export"
     assert steps["profile"]["profile"]["per_call"] == "skipped: no GPU"
     placement = steps["placement"]["placement"]
     assert set(placement["attention"]) == {"lengths-starts", "lengths", "2d"}

@@ -18,6 +18,9 @@ from jobbert_onnx.export import export_model
 from jobbert_onnx.export.validate import PACKED_ON_CPU
 from jobbert_onnx.manifest import packed_file, read_manifest
 
+# The default (padded) fp16 encoder loads on the CPU below, which warns that it runs through casts.
+pytestmark = pytest.mark.filterwarnings("ignore:running the fp16 variant on the CPU")
+
 
 @pytest.fixture(scope="module")
 def packed_export(tiny_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:

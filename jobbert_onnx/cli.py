@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     }
     for name, (kind, text) in limits.items():
         default = config[name]
-        if default is None:  # the device's (ServeConfig.for_device)
+        if default is None:  # the device's (ServeConfig.batch_limits)
             cpu, cuda = (BATCH_LIMITS[device][name == "max_batch_tokens"] for device in ("cpu", "cuda"))
             shown = f"{cpu} on the CPU, {cuda} on CUDA"
         else:

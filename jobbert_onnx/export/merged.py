@@ -19,6 +19,7 @@ import onnx
 from onnx import helper
 
 from jobbert_onnx.manifest import (
+    ATTENTION_MASK,
     EMBEDDING,
     POOLING_FILE,
     SENTENCE_EMBEDDING,
@@ -56,7 +57,7 @@ def merge(folder: Path, encoder: str, routes: tuple[str, ...]) -> onnx.ModelProt
     """input_ids, attention_mask -> one output per route, from the graphs in `folder`."""
     model = onnx.load(str(folder / encoder))
     nodes, inits = list(model.graph.node), list(model.graph.initializer)
-    shared = {n: n for n in (TOKEN_EMBEDDINGS, "attention_mask", SENTENCE_EMBEDDING)}
+    shared = {n: n for n in (TOKEN_EMBEDDINGS, ATTENTION_MASK, SENTENCE_EMBEDDING)}
     pooling = onnx.load(str(folder / POOLING_FILE))
     more_nodes, more_inits = _renamed(pooling, "pooling/", shared)
     nodes += more_nodes

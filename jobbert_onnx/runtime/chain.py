@@ -207,7 +207,8 @@ class GraphChain:
                 )
                 for route in manifest.routes
             }
-            _expect_merged(self.encoder, name, manifest.routes)
+            tokens: dict[str, type] = {INPUT_IDS: np.int64, ATTENTION_MASK: np.int64}
+            _expect_io(self.encoder, name, tokens, {merged_output(route): np.float32 for route in manifest.routes})
         else:
             self._chain(manifest, encoder_graph(tuning, variant, device), session)
         self._init_runs(device)
@@ -404,25 +405,17 @@ def uses_merged(tuning: Tuning, variant: Variant, device: Device) -> bool:
     return bool(tuning.merged)
 
 
-def _expect_merged(session: ort.InferenceSession, name: str, routes: tuple[str, ...]) -> None:
-    """Check the merged graph takes the token inputs and gives one float32 output per head."""
+def _expect(stage: Stage, name: str, inputs: dict[str, type]) -> None:
+    """Check a chained graph's inputs and output (names and types) once, at load."""
+    _expect_io(stage.session, name, inputs, {stage.output: np.float32})
+
+
+def _expect_io(session: ort.InferenceSession, name: str, inputs: dict[str, type], outputs: dict[str, type]) -> None:
+    """Check a graph's inputs and outputs (names and types) once, at load."""
     found_in = {i.name: i.type for i in session.get_inputs()}
     found_out = {o.name: o.type for o in session.get_outputs()}
-    wanted_in = {INPUT_IDS: _TYPES[np.dtype(np.int64)], ATTENTION_MASK: _TYPES[np.dtype(np.int64)]}
-    wanted_out = {merged_output(route): _TYPES[np.dtype(np.float32)] for route in routes}
-    if found_in != wanted_in or found_out != wanted_out:
-        raise ManifestError(
-            f"{name} takes {found_in} and gives {found_out}; expected {wanted_in} -> {wanted_out}. "
-            "The file is not from a compatible export: export the model again"
-        )
-
-
-def _expect(stage: Stage, name: str, inputs: dict[str, type]) -> None:
-    """Check a graph's inputs and output (names and types) once, at load."""
-    found_in = {i.name: i.type for i in stage.session.get_inputs()}
-    found_out = {o.name: o.type for o in stage.session.get_outputs()}
     wanted_in = {key: _TYPES[np.dtype(dtype)] for key, dtype in inputs.items()}
-    wanted_out = {stage.output: _TYPES[np.dtype(np.float32)]}
+    wanted_out = {key: _TYPES[np.dtype(dtype)] for key, dtype in outputs.items()}
     if found_in != wanted_in or found_out != wanted_out:
         raise ManifestError(
             f"{name} takes {found_in} and gives {found_out}; expected {wanted_in} -> {wanted_out}. "

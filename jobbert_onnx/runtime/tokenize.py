@@ -19,7 +19,7 @@ ASCII characters, beyond which nothing changes how earlier words tokenize (the
 normalizer maps graphemes, and such a space is one of its own; words are split
 at whitespace and tokenized alone); when the cut text does not reach the cap,
 the whole text is tokenized instead. The ids are those of the whole text
-either way (tests/test_tokenize.py checks it on real and generated texts).
+either way (tests/test_tokenizer.py checks it on real and generated texts).
 """
 
 from __future__ import annotations
@@ -112,14 +112,12 @@ class TextTokenizer:
 
     def tokenize(self, texts: list[str]) -> Tokenized:
         """Token ids with ``<s> ... </s>``, truncated to the cap, not padded."""
-        limit = self.cut_chars
-        cut = [text if len(text) <= limit else cut_long_text(text, limit) for text in texts]
+        cut = list(texts)
+        long = [row for row, text in enumerate(texts) if len(text) > self.cut_chars]
+        for row in long:
+            cut[row] = cut_long_text(texts[row], self.cut_chars)
         ids = [encoding.ids for encoding in self._encode(cut, add_special_tokens=True)]
-        short = [
-            row
-            for row, (text, kept) in enumerate(zip(texts, cut, strict=True))
-            if kept is not text and len(ids[row]) < self.max_seq_length
-        ]
+        short = [row for row in long if cut[row] is not texts[row] and len(ids[row]) < self.max_seq_length]
         if short:  # the cut text did not reach the cap: the whole text decides
             whole = self._encode([texts[row] for row in short], add_special_tokens=True)
             for row, encoding in zip(short, whole, strict=True):

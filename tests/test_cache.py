@@ -247,7 +247,9 @@ resolve_model({str(source)!r}, precision="fp32", cache_dir={str(cache)!r})
 """
     result = _python(script, {})
     assert result.returncode == -9, result.stderr[-3000:]
-    assert list((cache / "exports").glob(".*.partial-*")), "the killed export left its work folder"
+    left = list((cache / "exports").glob(".*.partial-*"))
+    assert left, "the killed export left its work folder"
+    assert list(left[0].glob(".trace/encoder.*.onnx")), "the encoder's trace lies in that folder, not elsewhere"
     resolved = resolve_model(source, precision="fp32", cache_dir=cache)
     assert resolved.exported and (resolved.folder / MANIFEST_NAME).is_file()
     assert not list((cache / "exports").glob(".*.partial-*")), "the next export removed what the killed one left"

@@ -96,6 +96,7 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
         "tokenizer.json",
     }
     assert set(manifest["files"]) == expected_files
+    assert {path.name for path in folder.iterdir()} == expected_files | {"manifest.json"}, "nothing else, no trace"
     for name, facts in manifest["files"].items():
         assert facts["sha256"] == sha256_file(folder / name)
         assert facts["size"] == (folder / name).stat().st_size

@@ -33,7 +33,7 @@ def write_packed(fused: Path, out: Path) -> dict[str, Any]:
     from onnxruntime.transformers.convert_to_packing_mode import PackingMode
     from onnxruntime.transformers.onnx_model import OnnxModel
 
-    with tempfile.TemporaryDirectory(prefix="jobbert-onnx-packed-") as folder:
+    with tempfile.TemporaryDirectory(prefix=".packed-", dir=out.parent) as folder:
         padded = Path(folder) / "encoder.fp16.lengths.onnx"
         write_variant(fused, padded, "fp16", "lengths")
         model = OnnxModel(onnx.load(str(padded)))

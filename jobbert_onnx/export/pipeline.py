@@ -42,6 +42,8 @@ from jobbert_onnx.manifest import (
 )
 from jobbert_onnx.runtime.memory import trim_heap
 
+TRACE_FOLDER = ".trace"
+
 
 def _version(package: str) -> str | None:
     try:
@@ -189,7 +191,10 @@ def export_model(
 
     output.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.partial-", dir=output.parent))
-    trace = Path(tempfile.mkdtemp(prefix="jobbert-onnx-trace-"))
+    # Inside the work folder, so that an export killed mid-way leaves one folder beside its output
+    # (which the cache removes), not a gigabyte of trace in the system's temporary folder.
+    trace = work / TRACE_FOLDER
+    trace.mkdir()
     fused = trace / "encoder.fused.onnx"
     try:
         write_tokenizer(spec, work / TOKENIZER_FILE)
@@ -269,14 +274,13 @@ def export_model(
         if not figures["passed"]:
             raise ExportValidationError(f"the exported graphs do not match PyTorch: {describe_failure(figures)}")
 
+        shutil.rmtree(trace)
         if output.exists():
             shutil.rmtree(output)
         os.replace(work, output)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
-    finally:
-        shutil.rmtree(trace, ignore_errors=True)
     log(f"wrote {output} in {time.perf_counter() - started:.0f}s")
     return manifest
 
@@ -296,7 +300,7 @@ def _file_facts(folder: Path) -> dict[str, dict[str, Any]]:
     return {
         path.name: {"sha256": sha256_file(path), "size": path.stat().st_size}
         for path in sorted(folder.iterdir())
-        if path.name != MANIFEST_NAME
+        if path.name not in (MANIFEST_NAME, TRACE_FOLDER)
     }
 
 

@@ -75,6 +75,13 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
             _contender(
                 "jobbert-onnx fp16, one batch in flight", ours, batch_sizes=small, precision="fp16", in_flight=1
             ),
+            _contender(
+                "jobbert-onnx fp16, vectors into page-locked host buffers",
+                ours,
+                batch_sizes=large,
+                precision="fp16",
+                host_output=True,
+            ),
             _contender("jobbert-onnx fp16, padding removed (packed)", ours, precision="fp16", packed=True),
             _contender("jobbert-onnx fp16, CUDA graphs", ours, batch_sizes=small, precision="fp16", cuda_graphs=True),
             _contender("jobbert-onnx fp16, mask 1D lengths", ours, batch_sizes=large, precision="fp16", mask="lengths"),

@@ -49,11 +49,19 @@ def _jobbert_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
     def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
         return encoder.encode(texts, task=task, batch_size=batch_size)
 
+    def after() -> dict[str, Any]:
+        """What is known only once batches ran: whether the host buffers were page-locked."""
+        host = encoder.chain.host
+        if host is None:
+            return {}
+        return {"host_buffers": "page-locked" if host.failure is None else f"pageable ({host.failure})"}
+
     return encode, {
         "precision": encoder.precision,
         "provider": encoder.chain.encoder.get_providers()[0],
         "io_binding": True,
         "graphs": "merged" if encoder.chain.merged else "chained",
+        "after": after,
     }
 
 
@@ -193,6 +201,7 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
     started = time.perf_counter()
     memory = _GpuMemory(config["device"])
     encode, facts = FACTORIES[config["kind"]](config)
+    after = facts.pop("after", None)  # facts a contender knows only after its runs
     result: dict[str, Any] = {
         "contender": config["name"],
         "kind": config["kind"],
@@ -224,6 +233,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             if batch_size == batch_sizes[0]:
                 np.save(out / f"{config['slug']}.{workload}.npy", vectors[:compared].astype(np.float32))
         result["workloads"][workload] = row
+    if after is not None:
+        result.update(after())
     result["peak_rss_mib"] = _peak_rss_mib()
     result["peak_gpu_mib"] = memory.stop()
     result["versions"] = {

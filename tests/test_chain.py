@@ -256,6 +256,7 @@ def test_a_call_without_a_batch_size_takes_the_tunings(tiny_exports: dict) -> No
         (Tuning(token_budget=0), "token_budget must be a positive integer"),
         (Tuning(shrink_above_tokens=-5), "shrink_above_tokens must be a positive integer"),
         (Tuning(buckets="auto"), "buckets must be a list of lengths"),  # type: ignore[arg-type]
+        (Tuning(host_output=True, reuse_buffers=False), "host_output=True keeps its host buffers with the reused"),
     ],
 )
 def test_bad_tuning_is_refused(tuning: Tuning, message: str) -> None:
@@ -271,22 +272,31 @@ def test_unknown_tuning_options_are_named() -> None:
         Tuning.from_options({"cuda_graph": True})
 
 
-@pytest.mark.parametrize("reuse", [False, True])
-def test_batches_in_flight_give_the_same_vectors_in_order(tiny_exports: dict, reuse: bool) -> None:
+@pytest.mark.parametrize(("reuse", "host_output"), [(False, False), (True, False), (None, True)])
+def test_batches_in_flight_give_the_same_vectors_in_order(
+    tiny_exports: dict, reuse: bool | None, host_output: bool
+) -> None:
+    """Each run thread writes its batch's vectors before its buffers (and, with `host_output`,
+    the one host array of their shape) run again: 60 texts of varied lengths in batches of 5,
+    three in flight, many batches sharing a shape, give what one batch at a time gives."""
     folder = tiny_exports[("router", "fp32")]
     texts = [*parity_texts(), *(f"python, sql, docker {i}, " * (i % 9) for i in range(60))]
-    one = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(in_flight=1, reuse_buffers=reuse))
-    two = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(in_flight=3, reuse_buffers=reuse))
+    one = Encoder.load(folder, device="cpu", precision="fp32", tuning=Tuning(in_flight=1))
+    tuning = Tuning(in_flight=3, reuse_buffers=reuse, host_output=host_output)
+    two = Encoder.load(folder, device="cpu", precision="fp32", tuning=tuning)
     threads: set[str] = set()
-    real = two.chain.run
+    real = two.chain.run_into
 
-    def run(batch: object, route: str) -> np.ndarray:
+    def run_into(batch: object, route: str, out: np.ndarray, rows: np.ndarray) -> None:
         threads.add(threading.current_thread().name)
-        return real(batch, route)  # type: ignore[arg-type]
+        real(batch, route, out, rows)  # type: ignore[arg-type]
 
-    two.chain.run = run  # type: ignore[method-assign]
+    two.chain.run_into = run_into  # type: ignore[method-assign]
     for task in ("anchor", "positive"):
         assert np.array_equal(two.encode(texts, task=task, batch_size=5), one.encode(texts, task=task, batch_size=5))
+    if host_output:
+        assert two.chain.host is not None and two.chain.host.failure == "not on CUDA"
+        assert two.chain.host.pinned_bytes == 0
     assert len(threads) > 1 and all(name.startswith("jobbert-onnx-run") for name in threads)
     threads.clear()
     two.encode("Koch")
@@ -295,16 +305,16 @@ def test_batches_in_flight_give_the_same_vectors_in_order(tiny_exports: dict, re
 
 def test_a_failing_batch_in_flight_fails_the_call_and_leaves_nothing_running(tiny_exports: dict) -> None:
     encoder = Encoder.load(tiny_exports[("router", "fp32")], device="cpu", precision="fp32", tuning=Tuning(in_flight=2))
-    real = encoder.chain.run
+    real = encoder.chain.run_into
     started = []
 
-    def run(batch: object, route: str) -> np.ndarray:
+    def run_into(batch: object, route: str, out: np.ndarray, rows: np.ndarray) -> None:
         started.append(1)
         if len(started) == 3:
             raise RuntimeError("the device went away")
-        return real(batch, route)  # type: ignore[arg-type]
+        real(batch, route, out, rows)  # type: ignore[arg-type]
 
-    encoder.chain.run = run  # type: ignore[method-assign]
+    encoder.chain.run_into = run_into  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="the device went away"):
         encoder.encode([f"Koch {i}" for i in range(40)], batch_size=4)
     count = len(started)

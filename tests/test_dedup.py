@@ -21,13 +21,13 @@ class _Rows:
 
     def __init__(self, encoder: Encoder, monkeypatch: pytest.MonkeyPatch) -> None:
         self.rows = 0
-        run = encoder.chain.run
+        run = encoder.chain.run_into
 
-        def counting(batch, route):  # type: ignore[no-untyped-def]
+        def counting(batch, route, out, rows):  # type: ignore[no-untyped-def]
             self.rows += int((batch.attention_mask.sum(1) > 0).sum()) if batch.input_ids.size else 0
-            return run(batch, route)
+            return run(batch, route, out, rows)
 
-        monkeypatch.setattr(encoder.chain, "run", counting)
+        monkeypatch.setattr(encoder.chain, "run_into", counting)
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,20 @@ def test_batch_invariance_on_cuda(cuda_ready: None, tiny_exports: dict) -> None:
         assert_close(encoder.encode(texts, task="positive", batch_size=batch_size), alone, 2e-3, f"batch {batch_size}")
 
 
+def test_vectors_into_page_locked_host_buffers_match_and_stay_apart(cuda_ready: None, tiny_exports: dict) -> None:
+    """`Tuning.host_output` on CUDA: the buffers are page-locked, and two batches in flight writing
+    through them give the default path's vectors."""
+    folder = tiny_exports[("router", "fp16")]
+    plain = Encoder.load(folder, device="cuda")
+    host = Encoder.load(folder, device="cuda", tuning=Tuning(host_output=True))
+    texts = [*parity_texts(), *(f"python, sql, docker {i}, " * (i % 9) for i in range(60))]
+    for task in ("anchor", "positive"):
+        expected = plain.encode(texts, task=task, batch_size=5)
+        assert np.array_equal(host.encode(texts, task=task, batch_size=5), expected), task
+    assert host.chain.host is not None and host.chain.host.failure is None, host.chain.host.failure
+    assert host.chain.host.pinned_bytes > 0
+
+
 def test_cuda_graphs_replay_what_a_plain_run_gives(cuda_ready: None, tiny_exports: dict) -> None:
     plain = Encoder.load(tiny_exports[("router", "fp16")], device="cuda")
     graphs = Encoder.load(tiny_exports[("router", "fp16")], device="cuda", tuning=Tuning(cuda_graphs=True))

@@ -74,7 +74,10 @@ def test_the_rehearsal_measures_the_gpu_contenders_on_the_cpu(rehearsal: Path) -
     assert results["jobbert-onnx fp16, padding removed (packed)"]["error"] == "the packed encoder needs a GPU"
     assert results["jobbert-onnx fp16"]["graphs"] == "merged"
     assert results["jobbert-onnx fp16, chained graphs"]["graphs"] == "chained"
-    for name in ("jobbert-onnx fp16", "jobbert-onnx fp16, mask 1D lengths", "jobbert-onnx fp16, mask 2D"):
+    host = results["jobbert-onnx fp16, vectors into page-locked host buffers"]
+    assert host["host_buffers"] == "pageable (not on CUDA)" and "host_buffers" not in results["jobbert-onnx fp16"]
+    names = ("jobbert-onnx fp16", "jobbert-onnx fp16, mask 1D lengths", "jobbert-onnx fp16, mask 2D")
+    for name in (*names, "jobbert-onnx fp16, vectors into page-locked host buffers"):
         for workload in ("titles", "skill_lists"):
             row = results[name]["workloads"][workload]
             assert row["cosine"]["min"] > 0.999, (name, workload)
@@ -193,6 +196,31 @@ def test_folding_writes_the_gpu_sections_and_refuses_a_rehearsal(rehearsal: Path
     for name, _, _ in PREDICTIONS:
         assert f"| {name} |" in notes
     assert "lengths-starts: (no kernel information printed: CPU provider)" in notes
+    assert "| Padding-free encoder | " in notes and "not measured (the packed encoder needs a GPU) |" in notes
+    assert "x the default); host buffers pageable (not on CUDA) |" in notes
+
+
+def test_each_piece_of_the_cuda_path_is_observed_against_the_default() -> None:
+    from benchmarks.gpu.fold import _versus
+
+    def contender(name: str, rates: dict[str, float | None], **facts: str) -> dict:
+        points = {size: rate and {"texts_per_s": rate} for size, rate in rates.items()}
+        return {"contender": name, **facts, "workloads": {"titles": {"throughput": points}}}
+
+    bench = {
+        "contenders": [
+            contender("jobbert-onnx fp16", {"32": 1000.0, "1024": 40000.0}),
+            contender("jobbert-onnx fp16, chained graphs", {"32": None, "1024": 30000.0}),
+            contender("host", {"1024": 42000.0}, host_buffers="page-locked"),
+            {"contender": "jobbert-onnx fp16, padding removed (packed)", "error": "boom"},
+        ]
+    }
+    assert _versus("jobbert-onnx fp16, chained graphs")({}, bench) == (
+        "titles at 1024: 30,000 vs 40,000 texts/s (0.75x the default)"
+    )
+    assert _versus("host")({}, bench).endswith("(1.05x the default); host buffers page-locked")
+    assert _versus("jobbert-onnx fp16, padding removed (packed)")({}, bench) == "not measured (boom)"
+    assert _versus("absent")({}, bench) == "not measured"
 
 
 def _bench(rates: dict[str, float], p50: float, cosine: float) -> dict:

@@ -65,6 +65,9 @@ def test_the_merged_graph_gives_the_chains_vectors_in_one_run_per_batch(merged_e
         assert len(runs) - before == batches, "one run per batch"
         alone = np.stack([merged.encode(text, task=task) for text in texts[:12]])
         assert_close(got[:12], alone, 1e-6, f"{task}: a text's vector does not depend on its batch")
+    host = Encoder.load(merged_export, device="cpu", precision="fp16", tuning=Tuning(merged=True, host_output=True))
+    for task in ("anchor", "positive"):  # each route's head output has a host buffer of its own
+        assert np.array_equal(host.encode(texts, task=task, batch_size=8), chain.encode(texts, task=task, batch_size=8))
 
 
 def test_the_merged_graph_is_cudas_default_and_never_the_cpus(merged_export: Path, tiny_exports: dict) -> None:

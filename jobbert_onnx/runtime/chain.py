@@ -14,6 +14,10 @@ or fresh for one run, with the outputs allocated by the sessions. At most
 `MAX_SHAPES` shapes keep their buffers per thread (least recently used go
 first), so varied batch sizes cannot pile up device memory.
 
+With `Tuning.host_output` the route's vectors are bound to a host array kept
+with the shape's buffers (page-locked on CUDA, `pinned`), and `run_into` copies
+them to the call's result before that thread runs the shape again.
+
 With a merged graph (`export --merged`, `Tuning.merged`; CUDA's default where the
 export has one) a route is one stage: the graph that runs encoder, pooling and
 every head, bound to the one head's output, so a batch is one run.
@@ -44,6 +48,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import onnxruntime as ort
@@ -62,11 +67,13 @@ from jobbert_onnx.manifest import (
     head_file,
     merged_output,
 )
+from jobbert_onnx.runtime.pinned import PinnedHost
 from jobbert_onnx.runtime.sessions import Device, DeviceError, create_session
 from jobbert_onnx.runtime.tokenize import Batch
 from jobbert_onnx.runtime.tuning import Tuning
 
 _LOG = logging.getLogger("jobbert_onnx")
+_T = TypeVar("_T")
 
 # Batch shapes whose buffers are kept per thread (without CUDA graphs).
 MAX_SHAPES = 32
@@ -92,6 +99,7 @@ class Stage:
     output: str
     per_token: bool
     dim: int
+    vectors: bool = False  # its output is the route's vectors (a head, or the merged graph)
 
     def output_shape(self, rows: int, width: int) -> tuple[int, ...]:
         return (rows, width, self.dim) if self.per_token else (rows, self.dim)
@@ -105,10 +113,14 @@ class Buffers:
     sessions allocate each output when they run, from their own arenas.
     """
 
-    def __init__(self, memory: tuple[str, int], shape: tuple[int, int], preallocated: bool) -> None:
+    def __init__(
+        self, memory: tuple[str, int], shape: tuple[int, int], preallocated: bool, host: PinnedHost | None = None
+    ) -> None:
         self.memory = memory
         self.shape = shape
         self.preallocated = preallocated
+        self.host = host if preallocated else None
+        self.host_vectors: dict[str, np.ndarray] = {}  # with `host`: each route's vectors, in host memory
         self.values: dict[str, ort.OrtValue] = {}
         self._bindings: dict[str, ort.IOBinding] = {}
         if preallocated:
@@ -138,7 +150,11 @@ class Buffers:
             binding = stage.session.io_binding()
             for name in stage.inputs:
                 binding.bind_ortvalue_input(name, self.values[name])
-            if self.preallocated:
+            if self.host is not None and stage.vectors:
+                array = self.host.array(stage.output_shape(*self.shape))
+                binding.bind_output(stage.output, "cpu", 0, np.float32, list(array.shape), array.ctypes.data)
+                self.host_vectors[stage.key] = array
+            elif self.preallocated:
                 value = self.allocate(stage.output_shape(*self.shape), np.float32)
                 binding.bind_ortvalue_output(stage.output, value)
                 self.values[stage.output] = value
@@ -160,14 +176,14 @@ class _ShapeCache:
         self.table: OrderedDict[tuple[int, int], Buffers] = OrderedDict()
         self.pinned: set[tuple[int, int]] = set()
 
-    def get(self, shape: tuple[int, int], make: type[Buffers], memory: tuple[str, int]) -> Buffers:
+    def get(self, shape: tuple[int, int], memory: tuple[str, int], host: PinnedHost | None) -> Buffers:
         if shape not in self.table:
             if len(self.table) >= self.limit:
                 for old in self.table:
                     if old not in self.pinned:
                         del self.table[old]
                         break
-            self.table[shape] = make(memory, shape, preallocated=True)
+            self.table[shape] = Buffers(memory, shape, preallocated=True, host=host)
         self.table.move_to_end(shape)
         return self.table[shape]
 
@@ -202,7 +218,13 @@ class GraphChain:
             self.routes = {
                 route: (
                     Stage(
-                        f"merged:{route}", self.encoder, (INPUT_IDS, ATTENTION_MASK), merged_output(route), False, dim
+                        f"merged:{route}",
+                        self.encoder,
+                        (INPUT_IDS, ATTENTION_MASK),
+                        merged_output(route),
+                        False,
+                        dim,
+                        vectors=True,
                     ),
                 )
                 for route in manifest.routes
@@ -222,7 +244,11 @@ class GraphChain:
         encoder = Stage("encoder", self.encoder, (INPUT_IDS, ATTENTION_MASK), TOKEN_EMBEDDINGS, True, hidden)
         pooling = Stage("pooling", self.pooling, (TOKEN_EMBEDDINGS, ATTENTION_MASK), SENTENCE_EMBEDDING, False, hidden)
         self.routes = {
-            route: (encoder, pooling, Stage(f"head:{route}", head, (SENTENCE_EMBEDDING,), EMBEDDING, False, dim))
+            route: (
+                encoder,
+                pooling,
+                Stage(f"head:{route}", head, (SENTENCE_EMBEDDING,), EMBEDDING, False, dim, vectors=True),
+            )
             for route, head in self.heads.items()
         }
         _expect(encoder, encoder_file, {INPUT_IDS: np.int64, ATTENTION_MASK: np.int64})
@@ -242,6 +268,7 @@ class GraphChain:
         self._shared = _ShapeCache(MAX_SHAPES + MAX_CUDA_GRAPHS)
         self._graph_ids: dict[tuple[int, int], str] = {}
         self._lock: AbstractContextManager[object] = threading.Lock() if self.cuda_graphs else nullcontext()
+        self.host = PinnedHost(pin=device.kind == "cuda") if self.tuning.host_output else None
 
     def is_huge(self, batch: Batch) -> bool:
         """Whether the batch runs with fresh buffers and calls for a `release` after the call."""
@@ -249,18 +276,31 @@ class GraphChain:
         return bool(limit) and batch.input_ids.size > int(limit or 0)
 
     def run(self, batch: Batch, route: str) -> np.ndarray:
-        """Vectors [batch, dim] (float32, host memory) for one padded batch."""
+        """Vectors [batch, dim] (float32, host memory, the caller's own) for one padded batch."""
+        return self._run(batch, route, _Result.numpy)
+
+    def run_into(self, batch: Batch, route: str, out: np.ndarray, rows: np.ndarray) -> None:
+        """Write the vectors of the batch's first ``len(rows)`` rows to ``out[rows]``, straight from
+        where the run left them (no array of its own with `Tuning.host_output`, nor on the CPU)."""
+
+        def scatter(result: _Result) -> None:
+            out[rows] = result.view()[: len(rows)]
+
+        self._run(batch, route, scatter)
+
+    def _run(self, batch: Batch, route: str, take: Callable[[_Result], _T]) -> _T:
+        """Run a batch and hand its result to `take` before its buffers can run again."""
         stages = self.routes[route]
         if not self.tuning.reuse_buffers or self.is_huge(batch):
             with self._lock:  # with CUDA graphs, no run may overlap a replay: it would reuse the graphs' memory
-                return self._execute(stages, self.fresh(batch), self._plain).numpy()
+                return take(self._execute(stages, self.fresh(batch), self._plain))
         shape = (int(batch.input_ids.shape[0]), int(batch.input_ids.shape[1]))
         with self._lock:
-            buffers = self._cache().get(shape, Buffers, self._memory)
+            buffers = self._cache().get(shape, self._memory, self.host)
             buffers.load(batch)
             if not self.cuda_graphs:
-                return self._execute(stages, buffers, None).numpy()
-            return self._run_graph(stages, buffers)
+                return take(self._execute(stages, buffers, None))
+            return take(self._run_graph(stages, buffers))
 
     def outputs(self, batch: Batch, route: str) -> dict[str, ort.OrtValue]:
         """Every stage's output for one batch, keyed by graph output name, all in the device's memory."""
@@ -310,12 +350,12 @@ class GraphChain:
                 buffers.values[stage.output] = buffers.output(stage)
         return _Result(buffers, stages[-1])
 
-    def _run_graph(self, stages: tuple[Stage, ...], buffers: Buffers) -> np.ndarray:
+    def _run_graph(self, stages: tuple[Stage, ...], buffers: Buffers) -> _Result:
         shape = buffers.shape
         graph_id = self._graph_ids.get(shape)
         if graph_id is None:
             if len(self._graph_ids) >= MAX_CUDA_GRAPHS:
-                return self._execute(stages, buffers, self._plain).numpy()
+                return self._execute(stages, buffers, self._plain)
             graph_id = self._graph_ids[shape] = str(len(self._graph_ids) + 1)
             self._shared.pinned.add(shape)
             self._options[graph_id] = _run_options("gpu_graph_id", graph_id)
@@ -324,10 +364,11 @@ class GraphChain:
         key = (stages[-1].key, shape)
         options = self._options[graph_id]
         if key in checked:
-            return self._execute(stages, buffers, options).numpy()
+            return self._execute(stages, buffers, options)
         reference = self._execute(stages, buffers, self._plain).numpy()
         for _ in range(CAPTURE_RUNS):
-            replayed = self._execute(stages, buffers, options).numpy()
+            result = self._execute(stages, buffers, options)
+        replayed = result.numpy()
         difference = float(np.abs(replayed - reference).max())
         if not difference <= REPLAY_TOLERANCE:
             raise DeviceError(
@@ -335,7 +376,7 @@ class GraphChain:
                 f"without it by {difference:.3g} (> {REPLAY_TOLERANCE}): load with cuda_graphs=False"
             )
         checked.add(key)
-        return replayed
+        return result
 
     @property
     def _plain(self) -> ort.RunOptions | None:
@@ -364,9 +405,17 @@ class _Result:
 
     def numpy(self) -> np.ndarray:
         """The vectors in host memory, owned by the caller."""
-        vectors = np.asarray(self.buffers.output(self.last).numpy())
-        # On the CPU numpy() is a view: of a buffer the next batch of this shape overwrites.
-        return vectors.copy() if self.buffers.preallocated and self.buffers.memory[0] == "cpu" else vectors
+        vectors = self.view()
+        # A host buffer, and on the CPU numpy()'s view, are what the next batch of this shape overwrites.
+        kept = self.last.key in self.buffers.host_vectors
+        return vectors.copy() if kept or (self.buffers.preallocated and self.buffers.memory[0] == "cpu") else vectors
+
+    def view(self) -> np.ndarray:
+        """The vectors in host memory, valid until these buffers run again."""
+        host = self.buffers.host_vectors.get(self.last.key)
+        if host is not None:
+            return host
+        return np.asarray(self.buffers.output(self.last).numpy())
 
 
 def _run_options(key: str, value: str) -> ort.RunOptions:

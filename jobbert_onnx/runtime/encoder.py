@@ -305,8 +305,7 @@ class Encoder:
         """
         out = np.empty((count, self.get_sentence_embedding_dimension()), dtype=np.float32)
         seen = _Seen()
-        for rows, vectors in self._in_flight(seen.count(batches, self.chain.is_huge), route):
-            out[rows] = vectors[: len(rows)]
+        for rows in self._in_flight(seen.count(batches, self.chain.is_huge), route, out):
             if progress is not None:
                 progress.update(len(rows))
         if progress is not None:
@@ -320,30 +319,36 @@ class Encoder:
         return out
 
     def _in_flight(
-        self, batches: Iterator[tuple[np.ndarray, Batch]], route: str
-    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """(rows, vectors) per batch, in order. With `Tuning.in_flight` above one, the next batches
-        start on the encoder's run threads while the current one runs: one batch copies in and
-        launches while another computes (each thread keeps its own buffers). A call of one batch
-        (a single text, most online calls) runs on the caller's thread, without a hand-off."""
+        self, batches: Iterator[tuple[np.ndarray, Batch]], route: str, out: np.ndarray
+    ) -> Iterator[np.ndarray]:
+        """Run each batch, its vectors written to ``out[rows]`` by the thread that ran it (before
+        that thread's buffers run again); yields each batch's rows once written, in order.
+
+        With `Tuning.in_flight` above one, the next batches start on the encoder's run threads
+        while the current one runs: one batch copies in and launches while another computes
+        (each thread keeps its own buffers). A call of one batch (a single text, most online
+        calls) runs on the caller's thread, without a hand-off."""
         depth = int(self.tuning.in_flight or 1)
         pending_batches = iter(batches)
         head = list(itertools.islice(pending_batches, 2))
         if depth <= 1 or len(head) < 2:
             for rows, batch in itertools.chain(head, pending_batches):
-                yield rows, self.chain.run(batch, route)
+                self.chain.run_into(batch, route, out, rows)
+                yield rows
             return
         pool = self._run_pool(depth)
-        pending: deque[tuple[np.ndarray, Future[np.ndarray]]] = deque()
+        pending: deque[tuple[np.ndarray, Future[None]]] = deque()
         try:
             for rows, batch in itertools.chain(head, pending_batches):
-                pending.append((rows, pool.submit(self.chain.run, batch, route)))
+                pending.append((rows, pool.submit(self.chain.run_into, batch, route, out, rows)))
                 if len(pending) >= depth:
                     done_rows, future = pending.popleft()
-                    yield done_rows, future.result()
+                    future.result()
+                    yield done_rows
             while pending:
                 done_rows, future = pending.popleft()
-                yield done_rows, future.result()
+                future.result()
+                yield done_rows
         finally:
             for _, future in pending:  # a failed or abandoned call leaves nothing running
                 future.cancel()

@@ -69,6 +69,11 @@ class Tuning:
             RemovePadding and PackedAttention, CUDA kernels only), chained with pooling and the
             head. Default: off (the GPU proof measures it against the padded encoder). An error
             on the CPU, where an export lacks it, or together with ``merged=True``.
+        host_output: A batch's vectors land in a host buffer kept with its shape's buffers
+            (page-locked on CUDA, so the copy off the device is one DMA, not the driver's
+            staged copy), and the run thread copies them straight into the call's result: no
+            array per batch. Needs `reuse_buffers` (on by default on CUDA; turned on by this on
+            the CPU); not with CUDA graphs. Default: off (the GPU proof measures it).
         dedup: Encode each distinct text of a call once and copy its vector to the repeats
             (`encode` compares the texts, `encode_tokenized` the token ids); the vectors are the
             same either way. Default: on (HR data repeats itself; on all-distinct input the
@@ -95,6 +100,7 @@ class Tuning:
     merged: bool | None = None
     packed: bool | None = None
     dedup: bool | None = None
+    host_output: bool | None = None
 
     def resolve(self, device_kind: str, max_seq_length: int) -> Tuning:
         """A copy with every default filled in for ``cpu`` or ``cuda``, checked.
@@ -120,6 +126,14 @@ class Tuning:
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < least):
                 what = "a positive integer" if least else "a positive integer (0: never)"
                 raise UsageError(f"{name} must be {what} or None for the default; got {value!r}")
+        host_output = bool(self.host_output)
+        if host_output and cuda_graphs:
+            raise UsageError(
+                "host_output=True and cuda_graphs=True exclude each other: a captured graph cannot copy "
+                "into host memory; drop one"
+            )
+        if host_output and self.reuse_buffers is False:
+            raise UsageError("host_output=True keeps its host buffers with the reused ones: drop reuse_buffers=False")
         budget = self.token_budget
         if budget is None and on_cuda:
             budget = CUDA_TOKEN_BUDGET
@@ -134,11 +148,14 @@ class Tuning:
             overlap=on_cuda if self.overlap is None else bool(self.overlap),
             in_flight=1 if cuda_graphs else (self.in_flight or (CUDA_IN_FLIGHT if on_cuda else 1)),
             pad_to_bucket=cuda_graphs or (on_cuda if self.pad_to_bucket is None else bool(self.pad_to_bucket)),
-            reuse_buffers=cuda_graphs or (on_cuda if self.reuse_buffers is None else bool(self.reuse_buffers)),
+            reuse_buffers=cuda_graphs
+            or host_output
+            or (on_cuda if self.reuse_buffers is None else bool(self.reuse_buffers)),
             cuda_graphs=cuda_graphs,
             spinning=bool(self.spinning),
             shrink_above_tokens=shrink,
             dedup=True if self.dedup is None else bool(self.dedup),
+            host_output=host_output,
         )
 
     @classmethod

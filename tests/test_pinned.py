@@ -6,7 +6,10 @@ The CUDA runtime is faked here; tests/test_gpu.py pins for real."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -67,10 +70,10 @@ def test_a_refused_pin_leaves_pageable_arrays_and_says_why_once(
     host = PinnedHost(pin=True)
     with caplog.at_level(logging.WARNING, logger="jobbert_onnx"):
         first, second = host.array((4, 16)), host.array((4, 16))
-    assert host.failure == "cudaHostRegister returned error 2" and host.pinned_bytes == 0
+    assert host.failure == "cudaHostRegister failed: error 2" and host.pinned_bytes == 0
     assert len(runtime.registered) == 1, "not tried again"
     assert [r.getMessage() for r in caplog.records if "page-locked" in r.getMessage()] == [
-        "the vectors' host buffers could not be page-locked (cudaHostRegister returned error 2); they stay "
+        "the vectors' host buffers could not be page-locked (cudaHostRegister failed: error 2); they stay "
         "pageable: the same vectors, a slower copy off the device"
     ]
     assert first.shape == second.shape == (4, 16)
@@ -81,6 +84,35 @@ def test_without_a_cuda_runtime_in_the_process_nothing_is_loaded_to_pin() -> Non
     host.array((2, 2))
     assert host.failure == "no CUDA runtime is loaded in this process"  # this machine has no CUDA runtime loaded
     assert PinnedHost(pin=False).failure == "not on CUDA"
+
+
+def test_the_real_cuda_runtime_is_found_once_loaded_and_its_refusal_named() -> None:
+    """In a child process: the CUDA runtime library this machine has (the CUDA toolkit's), loaded
+    as onnxruntime's CUDA provider would load it, is found without loading another; with no GPU
+    driver here it refuses to page-lock, and the refusal is named in the runtime's own words."""
+    script = """
+import ctypes, glob, json, sys
+from jobbert_onnx.runtime import pinned
+found = sorted(glob.glob("/usr/local/cuda*/lib64/libcudart.so.1[0-9]"))
+if not found:
+    print(json.dumps({"skip": "no CUDA runtime library in /usr/local/cuda*/lib64"})); sys.exit()
+before = pinned._loaded_cudart()
+ctypes.CDLL(found[0], mode=ctypes.RTLD_GLOBAL)
+host = pinned.PinnedHost(pin=True)
+array = host.array((4, 1024))
+print(json.dumps({"before": before is not None, "after": pinned._loaded_cudart() is not None,
+                  "failure": host.failure, "pinned": host.pinned_bytes, "shape": list(array.shape)}))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=True)
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    if "skip" in seen:
+        pytest.skip(seen["skip"])
+    assert not seen["before"] and seen["after"], "found only once loaded: never loads a runtime of its own"
+    if seen["failure"] is None:  # a GPU and its driver: really page-locked
+        assert seen["pinned"] == 4 * 1024 * 4
+    else:
+        assert seen["failure"].startswith("cudaHostRegister failed: cudaError") and seen["pinned"] == 0, seen
+    assert seen["shape"] == [4, 1024]
 
 
 def test_host_output_needs_reused_buffers_and_no_cuda_graphs() -> None:

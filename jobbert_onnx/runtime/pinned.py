@@ -46,6 +46,16 @@ def _loaded_cudart() -> Any:
     return None
 
 
+def _error(runtime: Any, code: int) -> str:
+    """The CUDA runtime's name and description of an error code."""
+    try:
+        name, describe = runtime.cudaGetErrorName, runtime.cudaGetErrorString
+        name.restype = describe.restype = ctypes.c_char_p
+        return f"{name(code).decode()} ({code}): {describe(code).decode()}"
+    except (AttributeError, UnicodeDecodeError):
+        return f"error {code}"
+
+
 class PinnedHost:
     """Makes host arrays for one chain's outputs, page-locked where the CUDA runtime allows."""
 
@@ -69,7 +79,7 @@ class PinnedHost:
             address, size = ctypes.c_void_p(array.ctypes.data), ctypes.c_size_t(array.nbytes)
             code = int(runtime.cudaHostRegister(address, size, ctypes.c_uint(_PORTABLE)))
             if code != 0:
-                return self._failed(f"cudaHostRegister returned error {code}", array)
+                return self._failed(f"cudaHostRegister failed: {_error(runtime, code)}", array)
             self.pinned_bytes += array.nbytes
         owner = array
         while owner.base is not None:

@@ -63,7 +63,8 @@ class PinnedHost:
         self.pin = pin
         self.failure: str | None = None if pin else "not on CUDA"
         self.pinned_bytes = 0
-        self._lock = threading.Lock()
+        # Reentrant: an unpin runs wherever the last view of an array goes, even inside `array`.
+        self._lock = threading.RLock()
         self._runtime: Any = None
 
     def array(self, shape: tuple[int, ...]) -> np.ndarray:

@@ -45,6 +45,7 @@ from jobbert_onnx.manifest import (
     SCHEMA_VERSION,
     ManifestError,
     sha256_file,
+    source_configs,
 )
 
 CACHE_ENV = "JOBBERT_ONNX_CACHE"
@@ -196,15 +197,19 @@ def _from_pointer(pointer: Path, source: str, revision: str | None) -> Resolved:
 
 
 def _fresh(entry: Path, folder: Path | None, commit: str | None) -> bool:
-    """True when `entry` is a complete export of the source's current weights."""
+    """True when `entry` is a complete export of the source's current weights and configuration
+    (a model saved again, or given a Normalize or another length cap, is exported again)."""
     if not is_export(entry):
         return False
     try:
         source = json.loads((entry / MANIFEST_NAME).read_text(encoding="utf-8"))["source"]
-        recorded: dict[str, str] = source["weights_sha256"]
+        recorded: dict[str, str] = {**source["weights_sha256"], **source["configs_sha256"]}
+        configs = set(source["configs_sha256"])
     except (OSError, ValueError, KeyError, TypeError):
         return False
     if folder is not None:
+        if {str(path.relative_to(folder)) for path in source_configs(folder)} != configs:
+            return False
         return all(_file_sha256(folder / name) == digest for name, digest in recorded.items())
     if source.get("revision") != commit:
         return False

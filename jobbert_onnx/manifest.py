@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,10 @@ from jobbert_onnx.errors import JobbertOnnxError
 
 MANIFEST_NAME = "manifest.json"
 # 3: pooling selects real tokens with Where (NaN-safe); variants record their attention mask form.
-SCHEMA_VERSION = 3
+# 4: the architecture records how tasks reach the heads (task_routes, catch_all_route, a default_route
+#    that may be null) and whether prompts are pooled; a schema 3 export reads as one with none of these.
+SCHEMA_VERSION = 4
+OLDEST_SCHEMA_VERSION = 3
 FORMAT_NAME = "jobbert-onnx"
 
 # Encoder variants an export can hold. Pooling and heads are shared and stay fp32.
@@ -78,6 +81,23 @@ def merged_output(route: str) -> str:
     return f"{EMBEDDING}_{route}"
 
 
+def route_for(
+    task: str | None,
+    routes: tuple[str, ...],
+    default: str | None,
+    task_routes: dict[str, str],
+    catch_all: str | None,
+) -> str | None:
+    """The head sentence-transformers' Router (5.x, 6.x) sends a text to, or None where it raises.
+
+    A task goes to its mapping (``route_mappings``, as it applies to text), else to the catch-all
+    mapping, else to the head of its own name; no task goes to the catch-all, else the default.
+    """
+    if task is None:
+        return catch_all or default
+    return task_routes.get(task) or catch_all or (task if task in routes else None)
+
+
 class ManifestError(JobbertOnnxError, ValueError):
     """An export folder is missing, incomplete, or from an incompatible version."""
 
@@ -89,6 +109,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def source_configs(folder: Path) -> list[Path]:
+    """The configuration files of a sentence-transformers folder (every ``*.json`` but in hidden
+    folders): with the weights, what decides an export of it, so a cached export is checked against both."""
+    return sorted(
+        path
+        for path in folder.rglob("*.json")
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
 
 
 @dataclass(frozen=True)
@@ -110,12 +140,17 @@ class Manifest:
     folder: Path
     variants: dict[str, Variant]
     routes: tuple[str, ...]
-    default_route: str
+    default_route: str | None  # None: every call names its task
     max_seq_length: int
     hidden_size: int
     output_dim: int
     files: dict[str, dict[str, Any]]
     raw: dict[str, Any]
+    # Task names that reach a head other than their own (the Router's route_mappings for text), and
+    # the head every task reaches when the model maps them all to one.
+    task_routes: dict[str, str] = field(default_factory=dict)
+    catch_all_route: str | None = None
+    include_prompt: bool = True  # False: the model pools without the prompt's tokens
 
     def path(self, name: str) -> Path:
         """Absolute path of one file listed in the manifest."""
@@ -225,10 +260,10 @@ def read_manifest(folder: str | Path) -> Manifest:
             f"{manifest_path} uses manifest schema {version}; this jobbert-onnx reads schema "
             f"{SCHEMA_VERSION} at most: upgrade jobbert-onnx (pip install -U jobbert-onnx)"
         )
-    if version < SCHEMA_VERSION:
+    if version < OLDEST_SCHEMA_VERSION:
         raise ManifestError(
             f"{manifest_path} uses manifest schema {version}, from an older jobbert-onnx; "
-            f"this one reads schema {SCHEMA_VERSION}: export the model again"
+            f"this one reads schema {OLDEST_SCHEMA_VERSION} to {SCHEMA_VERSION}: export the model again"
         )
     try:
         arch = raw["architecture"]
@@ -255,12 +290,15 @@ def read_manifest(folder: str | Path) -> Manifest:
             folder=folder,
             variants=variants,
             routes=tuple(arch["routes"]),
-            default_route=str(arch["default_route"]),
+            default_route=None if arch["default_route"] is None else str(arch["default_route"]),
             max_seq_length=int(arch["max_seq_length"]),
             hidden_size=int(arch["hidden_size"]),
             output_dim=int(arch["output_dim"]),
             files=dict(files),
             raw=raw,
+            task_routes={str(task): str(route) for task, route in (arch.get("task_routes") or {}).items()},
+            catch_all_route=None if arch.get("catch_all_route") is None else str(arch["catch_all_route"]),
+            include_prompt=bool(arch.get("include_prompt", True)),
         )
     except (KeyError, TypeError, ValueError) as error:
         raise ManifestError(f"{manifest_path} lacks a required entry ({error!r}); export the model again") from error
@@ -291,8 +329,11 @@ def read_manifest(folder: str | Path) -> Manifest:
                 f"{path} has {size} bytes but the manifest records {facts.get('size')}: "
                 "the file is truncated or was replaced; copy the export folder again"
             )
-    if manifest.default_route not in manifest.routes:
-        raise ManifestError(
-            f"{manifest_path}: default route {manifest.default_route!r} is not one of {manifest.routes}"
-        )
+    for what, route in (
+        ("default route", manifest.default_route),
+        ("catch-all route", manifest.catch_all_route),
+        *((f"task {task!r}'s route", target) for task, target in manifest.task_routes.items()),
+    ):
+        if route is not None and route not in manifest.routes:
+            raise ManifestError(f"{manifest_path}: {what} {route!r} is not one of {manifest.routes}")
     return manifest

@@ -92,6 +92,21 @@ def test_changed_weights_are_exported_again(source: Path, tmp_path: Path) -> Non
     assert not np.allclose(before, after, atol=1e-3)
 
 
+def test_a_changed_configuration_is_exported_again(source: Path, tmp_path: Path) -> None:
+    """Same weights, another length cap: the cached export would give other vectors, so it is not reused."""
+    cache = tmp_path / "cache"
+    long = ["python, sql, " * 20]
+    before = Encoder.load(source, device="cpu", precision="fp32", cache_dir=cache)
+    config = source / "sentence_bert_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "max_seq_length": 16}))
+    resolved = resolve_model(source, precision="fp32", cache_dir=cache)
+    assert resolved.exported, "the cached export no longer matches the configuration"
+    after = Encoder.load(source, device="cpu", precision="fp32", cache_dir=cache)
+    assert (before.max_seq_length, after.max_seq_length) == (64, 16)
+    assert not np.allclose(before.encode(long), after.encode(long), atol=1e-3)
+    assert not resolve_model(source, precision="fp32", cache_dir=cache).exported, "and then reused"
+
+
 def test_an_export_folder_is_used_as_it_is(tiny_exports: dict, tmp_path: Path) -> None:
     folder = tiny_exports[("router", "fp32")]
     resolved = resolve_model(folder, cache_dir=tmp_path / "cache")

@@ -14,6 +14,7 @@ from jobbert_onnx import Encoder, ManifestError
 from jobbert_onnx.export import ExportValidationError, UnsupportedModelError, export_model
 from jobbert_onnx.export import validate as validate_module
 from jobbert_onnx.export.source import read_model
+from jobbert_onnx.export.validate import allowed_norm_error
 from jobbert_onnx.manifest import encoder_file, sha256_file
 
 TINY_LAYERS = 2
@@ -58,7 +59,7 @@ def test_axes_are_dynamic(tiny_exports: dict) -> None:
 def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
     folder = tiny_exports[("router", "fp16")]
     manifest = json.loads((folder / "manifest.json").read_text())
-    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 3
+    assert manifest["format"] == "jobbert-onnx" and manifest["schema_version"] == 4
     assert list(manifest["variants"]) == ["fp16", "fp32", "int8"] and manifest["opset"] == 17
     source = manifest["source"]
     assert source["model"] == str(tiny_models["router"]) and source["revision"] is None
@@ -81,8 +82,15 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
         "output_dim": 1024,
         "routes": ["anchor", "positive"],
         "default_route": "anchor",
+        "task_routes": {},
+        "catch_all_route": None,
+        "normalized": False,
+        "include_prompt": True,
         "module": "Router",
     }
+    assert source["saved_by"] == "5.1.0"
+    assert source["max_seq_length_from"] == "sentence_bert_config.json (max_seq_length)"
+    assert source["module_types"][2] == "sentence_transformers.models.Router"
     assert arch["layers"] == TINY_LAYERS
     for package in ("torch", "transformers", "onnx", "onnxruntime"):
         assert manifest["versions"][package], package
@@ -110,6 +118,7 @@ def test_manifest_contents(tiny_models: dict, tiny_exports: dict) -> None:
         for route in ("anchor", "positive"):
             head = validation["heads"][route]
             assert required[name][0] <= head["min_cosine"] <= head["mean_cosine"] <= 1.0 + 1e-9, (name, route)
+            assert 0.0 <= head["max_norm_error"] <= allowed_norm_error(required[name][0]), (name, route)
     assert manifest["variants"]["fp16"]["nodes"]["Attention"] == TINY_LAYERS
     int8_nodes = manifest["variants"]["int8"]["nodes"]
     assert int8_nodes["MultiHeadAttention"] == TINY_LAYERS and int8_nodes["MatMulIntegerToFloat"] == 4 * TINY_LAYERS
@@ -188,7 +197,7 @@ def _pickled_weights(folder: Path) -> None:
 
 def _extra_module(folder: Path) -> None:
     modules = json.loads((folder / "modules.json").read_text())
-    modules.append({"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"})
+    modules.append({"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"})
     (folder / "modules.json").write_text(json.dumps(modules))
 
 
@@ -208,7 +217,7 @@ def _extra_module(folder: Path) -> None:
             _pickled_weights,
             r"model.safetensors is missing and only pytorch_model.bin \(pickle\) is there.*--allow-pickle",
         ),
-        (_extra_module, r"lists \[.*Normalize'\]; expected Transformer -> Pooling -> Router"),
+        (_extra_module, r"lists Transformer -> Pooling -> Router -> Dense \(.*\); the exporter reads Transformer"),
     ],
 )
 def test_other_layouts_are_refused(tiny_models: dict, tmp_path: Path, mutate, message: str) -> None:  # type: ignore[no-untyped-def]

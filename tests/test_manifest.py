@@ -37,7 +37,7 @@ def test_newer_schema_is_refused(export_copy: Path) -> None:
     data["schema_version"] = 99
     path.write_text(json.dumps(data))
     with pytest.raises(
-        ManifestError, match="uses manifest schema 99; this jobbert-onnx reads schema 3 at most: upgrade"
+        ManifestError, match="uses manifest schema 99; this jobbert-onnx reads schema 4 at most: upgrade"
     ):
         Encoder.load(export_copy, device="cpu")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -187,3 +188,33 @@ def test_the_cut_lands_only_between_ascii_characters_and_keeps_the_ids_at_its_ed
         later = [i for i in range(at + 1, limit + 1) if text[i] == " " and {text[i - 1], text[i + 1]} <= printable]
         assert not later, "the last such space within the limit"
     assert cut_long_text("ü " * 600, limit) == "ü " * 600, "no space between ASCII characters: not cut"
+
+
+def test_edge_whitespace_is_stripped_as_sentence_transformers_did(tiny_exports: dict, tmp_path: Path) -> None:
+    """sentence-transformers up to 5.3 stripped every text; transformers 5's XLM-R tokenizer (what the
+    export writes here) splits on whitespace, so stripping changes none of its ids; the pipeline
+    transformers 4 writes (the published tokenizer.json's) keeps a trailing space as a token (id 6).
+    An export made with transformers 4 must still encode " Koch " as "Koch"."""
+    from jobbert_onnx import Encoder
+    from jobbert_onnx.manifest import sha256_file
+
+    exported = Tokenizer.from_file(str(tiny_exports[("router", "fp32")] / "tokenizer.json"))
+    for space in (chr(c) for c in range(0x110000) if chr(c).isspace()):
+        assert exported.encode(f"{space}Koch{space}").ids == exported.encode("Koch").ids, hex(ord(space))
+
+    folder = Path(shutil.copytree(tiny_exports[("router", "fp32")], tmp_path / "export"))
+    written_by_transformers_4 = xlmr_tokenizer()
+    written_by_transformers_4.enable_truncation(max_length=64)
+    written_by_transformers_4.enable_padding(pad_id=1, pad_token="<pad>")
+    written_by_transformers_4.save(str(folder / "tokenizer.json"))
+    manifest = json.loads((folder / "manifest.json").read_text())
+    path = folder / "tokenizer.json"
+    manifest["files"]["tokenizer.json"] = {"sha256": sha256_file(path), "size": path.stat().st_size}
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    edged = [" Koch ", "Data Scientist\n", "\tPython, SQL  ", "\u3000软件工程师\u3000", "\u00a0Barista"]
+    stripped = [text.strip() for text in edged]
+    plain = xlmr_tokenizer()
+    assert [e.ids for e in plain.encode_batch(edged)] != [e.ids for e in plain.encode_batch(stripped)]
+    assert TextTokenizer(path, 64).tokenize(edged).ids == TextTokenizer(path, 64).tokenize(stripped).ids
+    encoder = Encoder.load(folder, device="cpu", precision="fp32")
+    assert (encoder.encode(edged, task="anchor") == encoder.encode(stripped, task="anchor")).all()

@@ -418,7 +418,8 @@ def write_pooling(path: Path, hidden_size: int) -> None:
 
 
 def write_head(path: Path, head: HeadSpec) -> None:
-    """One Dense + Tanh head, fp32: tanh(x W^T + b)."""
+    """One Dense + Tanh head, fp32: tanh(x W^T + b), then divided by max(||.||_2, 1e-12) where the
+    model normalizes (sentence-transformers' Normalize: torch's F.normalize)."""
     state = load_state(head.weights)
     weight, bias = state.get("linear.weight"), state.get("linear.bias")
     expected = (head.out_features, head.in_features)
@@ -432,10 +433,17 @@ def write_head(path: Path, head: HeadSpec) -> None:
     y = helper.make_tensor_value_info(EMBEDDING, TensorProto.FLOAT, ["batch", head.out_features])
     nodes = [
         helper.make_node("Gemm", [SENTENCE_EMBEDDING, "weight", "bias"], ["dense"], transB=1),
-        helper.make_node("Tanh", ["dense"], [EMBEDDING]),
+        helper.make_node("Tanh", ["dense"], ["activated" if head.normalize else EMBEDDING]),
     ]
     inits = [
         numpy_helper.from_array(weight.astype(np.float32), "weight"),
         numpy_helper.from_array(bias.astype(np.float32), "bias"),
     ]
+    if head.normalize:
+        nodes += [
+            helper.make_node("ReduceL2", ["activated"], ["norm"], axes=[-1], keepdims=1),
+            helper.make_node("Max", ["norm", "min_norm"], ["norm_safe"]),
+            helper.make_node("Div", ["activated", "norm_safe"], [EMBEDDING]),
+        ]
+        inits.append(numpy_helper.from_array(np.array(1e-12, dtype=np.float32), "min_norm"))
     _save(helper.make_graph(nodes, f"head_{head.route}", [x], [y], inits), path)

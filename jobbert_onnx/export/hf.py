@@ -42,7 +42,7 @@ def load_encoder(spec: ModelSpec, attention: str | None = None) -> Any:
     # Never let transformers fall back to pickle on its own: pickle only when read_model allowed it.
     kwargs["use_safetensors"] = spec.encoder_weights.suffix == ".safetensors"
     with quiet_transformers():
-        model = model_class.from_pretrained(str(spec.folder), add_pooling_layer=False, **kwargs)
+        model = model_class.from_pretrained(str(spec.encoder_folder), add_pooling_layer=False, **kwargs)
     return model.eval()
 
 
@@ -51,4 +51,4 @@ def load_tokenizer(spec: ModelSpec) -> Any:
     from transformers import AutoTokenizer
 
     with quiet_transformers():
-        return AutoTokenizer.from_pretrained(str(spec.folder))
+        return AutoTokenizer.from_pretrained(str(spec.encoder_folder))

@@ -80,6 +80,10 @@ def _architecture(spec: ModelSpec) -> dict[str, Any]:
         "output_dim": spec.output_dim,
         "routes": list(spec.heads),
         "default_route": spec.default_route,
+        "task_routes": dict(spec.task_routes),
+        "catch_all_route": spec.catch_all_route,
+        "normalized": spec.normalize,
+        "include_prompt": spec.include_prompt,
         "module": spec.router_kind,
     }
 
@@ -237,6 +241,10 @@ def export_model(
                 "revision": spec.revision,
                 "local_path": str(spec.folder),
                 "weights_sha256": spec.weight_hashes(),
+                "configs_sha256": spec.config_hashes(),
+                "saved_by": spec.saved_by,
+                "module_types": list(spec.module_types),
+                "max_seq_length_from": spec.length_source,
             },
             "architecture": _architecture(spec),
             "variants": {name: _variant_entry(name, variants[name]) for name in precisions},

@@ -2,7 +2,7 @@
 
 transformers' own XLM-R model and fast tokenizer, loaded from the source folder
 as sentence-transformers loads them, then mean pooling and the Dense + Tanh
-heads, all in fp32 on the CPU.
+heads (L2-normalized where the model has a Normalize module), all in fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -30,8 +30,10 @@ class TorchReference:
             self.heads[route] = (weight, bias)
 
     def token_ids(self, texts: list[str]) -> list[list[int]]:
-        """Ids as sentence-transformers feeds them: truncated to max_seq_length, unpadded."""
-        encoded = self.tokenizer(texts, truncation="longest_first", max_length=self.spec.max_seq_length)
+        """Ids as sentence-transformers feeds them: stripped (as up to 5.3), truncated to max_seq_length,
+        unpadded."""
+        stripped = [text.strip() for text in texts]
+        encoded = self.tokenizer(stripped, truncation="longest_first", max_length=self.spec.max_seq_length)
         return [list(ids) for ids in encoded["input_ids"]]
 
     def encode(self, texts: list[str], route: str, batch_size: int = 16) -> np.ndarray:
@@ -47,7 +49,7 @@ class TorchReference:
         out: dict[str, list[np.ndarray]] = {route: [] for route in chosen}
         with torch.inference_mode():
             for start in range(0, len(texts), batch_size):
-                chunk = texts[start : start + batch_size]
+                chunk = [text.strip() for text in texts[start : start + batch_size]]
                 enc = self.tokenizer(
                     chunk,
                     padding=True,
@@ -60,5 +62,8 @@ class TorchReference:
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
                 for route in chosen:
                     weight, bias = self.heads[route]
-                    out[route].append(torch.tanh(pooled @ weight.T + bias).numpy())
+                    vectors = torch.tanh(pooled @ weight.T + bias)
+                    if self.spec.heads[route].normalize:
+                        vectors = torch.nn.functional.normalize(vectors, p=2, dim=-1)
+                    out[route].append(vectors.numpy())
         return {route: np.concatenate(vectors).astype(np.float32) for route, vectors in out.items()}

@@ -1,33 +1,39 @@
 """Find a JobBERT-v3 model (hub id or local folder) and read its layout.
 
-The sentence-transformers configuration files are read directly rather than
-through sentence-transformers, so that every file the export depends on is
-checked here and anything that is not the JobBERT-v3 architecture is refused
-with an error that says what was found.
+The sentence-transformers files are read directly rather than through
+sentence-transformers (`st_format` knows every release's names for them), so that
+every file the export depends on is checked here and anything that is not the
+JobBERT-v3 architecture is refused with an error that says what was found.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobbert_onnx.errors import JobbertOnnxError, SourceUnavailableError
+from jobbert_onnx.errors import SourceUnavailableError
+from jobbert_onnx.export import st_format
+from jobbert_onnx.export.st_format import (
+    ASYM,
+    DENSE,
+    NORMALIZE,
+    POOLING,
+    ROUTER,
+    TRANSFORMER,
+    UnsupportedModelError,
+    read_json,
+)
 from jobbert_onnx.hub import HUB_ID, hub_unavailable
-from jobbert_onnx.manifest import sha256_file
+from jobbert_onnx.manifest import sha256_file, source_configs
 
 ROUTES = ("anchor", "positive")
 # Encoders the export traces: transformers' model_type -> its model class. XLM-R (JobBERT-v3's)
 # numbers positions from pad_token_id + 1; BERT from 0 and adds token type 0 to every token.
 ENCODER_TYPES = {"xlm-roberta": "XLMRobertaModel", "bert": "BertModel"}
-TANH = "torch.nn.modules.activation.Tanh"
-_TRANSFORMER = "sentence_transformers.models.Transformer"
-_POOLING = "sentence_transformers.models.Pooling"
-_ROUTER_TYPES = {
-    "sentence_transformers.models.Router": ("router_config.json", "Router"),
-    "sentence_transformers.models.Asym": ("config.json", "Asym"),
-}
+# The module lists the exporter reads (kinds as `st_format.MODULE_TYPES` names them).
+_LAYOUTS = "Transformer -> Pooling -> Router (or legacy Asym), optionally followed by Normalize"
+_MODULE_LISTS = [[TRANSFORMER, POOLING, head, *tail] for head in (ROUTER, ASYM) for tail in ([], [NORMALIZE])]
 # Hub files the export reads (patterns match in subfolders too); pickled weights
 # (unless allowed) and ONNX/OpenVINO copies in the repository are left undownloaded.
 _HUB_PATTERNS = ["*.json", "*.safetensors"]
@@ -69,19 +75,17 @@ def load_state(path: Path) -> dict[str, Any]:
     return {name: tensor.float().numpy() for name, tensor in state.items()}
 
 
-class UnsupportedModelError(JobbertOnnxError, ValueError):
-    """The source is not a JobBERT-v3-shaped sentence-transformers model."""
-
-
 @dataclass(frozen=True)
 class HeadSpec:
-    """One Dense(hidden -> output) + Tanh head of the asymmetric module."""
+    """One Dense(hidden -> output) + Tanh head of the asymmetric module, L2-normalized after where
+    the model normalizes (a Normalize module in the route or after the Router)."""
 
     route: str
     folder: Path
     in_features: int
     out_features: int
     weights: Path
+    normalize: bool
 
 
 @dataclass(frozen=True)
@@ -91,12 +95,21 @@ class ModelSpec:
     source: str
     revision: str | None
     folder: Path
+    encoder_folder: Path
     encoder_config: dict[str, Any]
     max_seq_length: int
     router_kind: str
     heads: dict[str, HeadSpec]
-    default_route: str
+    default_route: str | None  # None: every call names its task
     encoder_weights: Path
+    # How sentence-transformers' Router sends text whose task is not a route's own name (its
+    # route_mappings): task -> route, and the route every task goes to where one is mapped so.
+    task_routes: dict[str, str]
+    catch_all_route: str | None
+    include_prompt: bool
+    length_source: str  # where the length cap was read
+    module_types: tuple[str, ...]  # modules.json's type names, as written
+    saved_by: str | None  # the sentence-transformers release named in the model's files
 
     @property
     def hidden_size(self) -> int:
@@ -104,7 +117,12 @@ class ModelSpec:
 
     @property
     def output_dim(self) -> int:
-        return self.heads[self.default_route].out_features
+        return next(iter(self.heads.values())).out_features
+
+    @property
+    def normalize(self) -> bool:
+        """Whether every head ends in an L2 normalization (the exporter refuses a mix)."""
+        return all(head.normalize for head in self.heads.values())
 
     def weight_files(self) -> list[Path]:
         """The weight files the export reads, encoder first."""
@@ -114,14 +132,9 @@ class ModelSpec:
         """sha256 of every weight file, keyed by its path inside the model folder."""
         return {str(p.relative_to(self.folder)): sha256_file(p) for p in self.weight_files()}
 
-
-def _read_json(path: Path, what: str) -> Any:
-    if not path.is_file():
-        raise UnsupportedModelError(f"{what}: {path} is missing")
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise UnsupportedModelError(f"{what}: {path} is not valid JSON ({error})") from error
+    def config_hashes(self) -> dict[str, str]:
+        """sha256 of every configuration file (`manifest.source_configs`), keyed by its path inside the folder."""
+        return {str(p.relative_to(self.folder)): sha256_file(p) for p in source_configs(self.folder)}
 
 
 def resolve_source(source: str, revision: str | None = None, allow_pickle: bool = False) -> tuple[Path, str | None]:
@@ -165,8 +178,8 @@ def resolve_source(source: str, revision: str | None = None, allow_pickle: bool 
 
 
 def _check_encoder(folder: Path) -> dict[str, Any]:
-    config = _read_json(folder / "config.json", "encoder config")
-    found = config.get("model_type")
+    config = read_json(folder / "config.json", "encoder config")
+    found = config.get("model_type") if isinstance(config, dict) else None
     if found not in ENCODER_TYPES:
         raise UnsupportedModelError(
             f"the encoder is model_type {found!r} ({folder / 'config.json'}); "
@@ -180,121 +193,78 @@ def _check_encoder(folder: Path) -> dict[str, Any]:
     return dict(config)
 
 
-def max_positions(config: dict[str, Any]) -> int:
-    """The longest input the encoder's position table covers.
-
-    XLM-R gives the first real token position ``pad_token_id + 1`` (the positions below it
-    are reserved for padding), so it covers ``max_position_embeddings - pad_token_id - 1``;
-    BERT counts from 0.
-    """
-    table = int(config["max_position_embeddings"])
-    return table - int(config["pad_token_id"]) - 1 if config["model_type"] == "xlm-roberta" else table
-
-
-def _check_pooling(folder: Path, hidden: int) -> None:
-    config = _read_json(folder / "config.json", "pooling config")
-    modes = sorted(k for k, v in config.items() if k.startswith("pooling_mode_") and v is True)
-    if modes != ["pooling_mode_mean_tokens"]:
-        raise UnsupportedModelError(
-            f"pooling in {folder} uses {modes or 'no mode'}; only mean pooling (pooling_mode_mean_tokens) is supported"
-        )
-    dim = config.get("word_embedding_dimension")
-    if dim != hidden:
-        raise UnsupportedModelError(
-            f"pooling in {folder} expects dimension {dim}, the encoder has hidden size {hidden}"
-        )
-
-
-def _check_dense(route: str, folder: Path, hidden: int, allow_pickle: bool) -> HeadSpec:
-    config = _read_json(folder / "config.json", f"Dense config of head {route!r}")
-    found = (
-        f"in_features={config.get('in_features')}, out_features={config.get('out_features')}, "
-        f"bias={config.get('bias')}, activation={config.get('activation_function')}"
-    )
-    if (
-        config.get("in_features") != hidden
-        or not isinstance(config.get("out_features"), int)
-        or config.get("bias") is not True
-        or config.get("activation_function") != TANH
-    ):
-        raise UnsupportedModelError(
-            f"head {route!r} ({folder}) is Dense({found}); expected Dense(in_features={hidden}, bias=True) with Tanh"
-        )
-    weights = weights_file(folder, allow_pickle, f"head {route!r}")
-    return HeadSpec(
-        route=route, folder=folder, in_features=hidden, out_features=int(config["out_features"]), weights=weights
-    )
-
-
-def _read_heads(folder: Path, module_type: str, hidden: int, allow_pickle: bool) -> tuple[dict[str, HeadSpec], str]:
-    config_name, kind = _ROUTER_TYPES[module_type]
-    config = _read_json(folder / config_name, f"{kind} config")
-    structure = config.get("structure")
-    types = config.get("types", {})
-    if not isinstance(structure, dict):
-        raise UnsupportedModelError(f"{folder / config_name} has no 'structure' mapping routes to modules")
-    routes = sorted(structure)
+def _read_heads(routing: st_format.Routing, normalized: bool, hidden: int, allow_pickle: bool) -> dict[str, HeadSpec]:
+    """The two heads: each route one Dense, and a Normalize after it if the route has one."""
+    routes = sorted(routing.routes)
     if routes != sorted(ROUTES):
         raise UnsupportedModelError(
-            f"the {kind} module in {folder} has routes {routes}; JobBERT-v3 has exactly {list(ROUTES)}"
+            f"the {routing.kind} module in {routing.config.parent} has routes {routes}; "
+            f"JobBERT-v3 has exactly {list(ROUTES)}"
         )
     heads = {}
     for route in ROUTES:
-        modules = structure[route]
-        if len(modules) != 1 or not str(types.get(modules[0], "")).startswith("sentence_transformers.models.Dense"):
-            described = [f"{m} ({types.get(m, 'unknown type')})" for m in modules]
+        modules = routing.routes[route]
+        kinds = [kind for kind, _ in modules]
+        if kinds not in ([DENSE], [DENSE, NORMALIZE]):
+            described = [f"{folder.name} ({kind})" for kind, folder in modules]
             raise UnsupportedModelError(
-                f"route {route!r} of the {kind} module runs {described}; expected a single Dense module"
+                f"route {route!r} of the {routing.kind} module ({routing.config}) runs {described}; "
+                "expected a single Dense module, optionally followed by Normalize"
             )
-        heads[route] = _check_dense(route, folder / modules[0], hidden, allow_pickle)
+        folder = modules[0][1]
+        if len(modules) == 2:
+            st_format.check_normalize(modules[1][1])
+        out_features = st_format.check_dense(route, folder, hidden)
+        weights = weights_file(folder, allow_pickle, f"head {route!r}")
+        heads[route] = HeadSpec(route, folder, hidden, out_features, weights, normalized or len(modules) == 2)
     if heads["anchor"].out_features != heads["positive"].out_features:
         raise UnsupportedModelError(
             f"the heads give {heads['anchor'].out_features}-d (anchor) and {heads['positive'].out_features}-d "
             "(positive) vectors; both must have the same size to be compared"
         )
-    # sentence-transformers >= 5 uses the Router's default route; the legacy Asym
-    # has none, and JobBERT-v3's documented default is the title side.
-    default = config.get("parameters", {}).get("default_route") or "anchor"
-    if default not in heads:
-        raise UnsupportedModelError(f"default route {default!r} in {folder / config_name} is not one of {routes}")
-    return heads, default
+    if heads["anchor"].normalize != heads["positive"].normalize:
+        raise UnsupportedModelError(
+            f"only one route of the {routing.kind} module ({routing.config}) ends in Normalize; the exporter "
+            "reads models whose heads both normalize or neither does"
+        )
+    return heads
 
 
 def read_model(source: str, revision: str | None = None, allow_pickle: bool = False) -> ModelSpec:
     """Locate a JobBERT-v3 model and check that its layout is the one this exporter supports.
 
-    Supported: ``modules.json`` with Transformer (XLM-R or BERT) -> Pooling (mean) -> Router
-    (``2_Router/router_config.json``) or legacy Asym (``2_Asym/config.json``), whose
-    routes ``anchor`` and ``positive`` each run one Dense(hidden -> d) + Tanh. Weights
-    are read from safetensors; pickled ``pytorch_model.bin`` files only with `allow_pickle`.
+    Supported, as written by sentence-transformers 2.x to 6.x (`st_format`): ``modules.json``
+    with Transformer (XLM-R or BERT) -> Pooling (mean) -> Router (``2_Router/router_config.json``)
+    or legacy Asym (``2_Asym/config.json``), optionally followed by Normalize, whose routes
+    ``anchor`` and ``positive`` each run one Dense(hidden -> d) + Tanh (optionally followed by
+    Normalize). Weights are read from safetensors; pickled ``pytorch_model.bin`` files only with
+    `allow_pickle`.
 
     Raises:
         UnsupportedModelError: With what was found, for any other layout.
     """
     folder, resolved = resolve_source(source, revision, allow_pickle)
-    modules = _read_json(folder / "modules.json", "sentence-transformers module list")
-    if not isinstance(modules, list):
-        raise UnsupportedModelError(f"{folder / 'modules.json'} is not a list of modules")
-    found = [str(m.get("type")) for m in modules]
-    if len(modules) != 3 or found[0] != _TRANSFORMER or found[1] != _POOLING or found[2] not in _ROUTER_TYPES:
+    modules = st_format.read_modules(folder)
+    kinds = [module.kind for module in modules]
+    if kinds not in _MODULE_LISTS:
         raise UnsupportedModelError(
-            f"{folder / 'modules.json'} lists {found}; expected Transformer -> Pooling -> Router (or legacy Asym)"
+            f"{folder / 'modules.json'} lists {' -> '.join(kinds) or 'no modules'} "
+            f"({[m.type_name for m in modules]}); the exporter reads {_LAYOUTS}"
         )
-    encoder_folder = folder / modules[0].get("path", "")
+    encoder_folder = modules[0].folder
     encoder_config = _check_encoder(encoder_folder)
     encoder_weights = weights_file(encoder_folder, allow_pickle, "encoder")
     hidden = int(encoder_config["hidden_size"])
-    st_config = _read_json(encoder_folder / "sentence_bert_config.json", "sentence-transformers config")
-    max_seq_length = st_config.get("max_seq_length")
-    limit = max_positions(encoder_config)
-    if not isinstance(max_seq_length, int) or not 2 <= max_seq_length <= limit:
-        raise UnsupportedModelError(
-            f"max_seq_length {max_seq_length!r} in sentence_bert_config.json is not in [2, {limit}]"
-        )
-    if st_config.get("do_lower_case"):
-        raise UnsupportedModelError("sentence_bert_config.json sets do_lower_case=true; JobBERT-v3 does not lowercase")
-    _check_pooling(folder / modules[1]["path"], hidden)
-    heads, default = _read_heads(folder / modules[2]["path"], found[2], hidden, allow_pickle)
+    st_config, st_config_path = st_format.transformer_config(encoder_folder)
+    st_format.check_transformer(st_config, st_config_path)
+    cap = st_format.length_cap(encoder_folder, st_config, st_config_path, encoder_config)
+    include_prompt = st_format.read_pooling(modules[1].folder, hidden)
+    routing = st_format.read_router(modules[2].folder, modules[2].kind)
+    normalized = len(modules) == 4
+    if normalized:
+        st_format.check_normalize(modules[3].folder)
+    heads = _read_heads(routing, normalized, hidden, allow_pickle)
+    saved_by = st_format.check_prompts(folder)
     if not (encoder_folder / "tokenizer.json").is_file():
         raise UnsupportedModelError(
             f"{encoder_folder / 'tokenizer.json'} is missing (a fast tokenizer file is required)"
@@ -303,10 +273,17 @@ def read_model(source: str, revision: str | None = None, allow_pickle: bool = Fa
         source=source,
         revision=resolved,
         folder=folder,
+        encoder_folder=encoder_folder,
         encoder_config=encoder_config,
-        max_seq_length=max_seq_length,
-        router_kind=_ROUTER_TYPES[found[2]][1],
+        max_seq_length=cap.tokens,
+        router_kind=routing.kind,
         heads=heads,
-        default_route=default,
+        default_route=routing.default,
         encoder_weights=encoder_weights,
+        task_routes=routing.task_routes,
+        catch_all_route=routing.catch_all,
+        include_prompt=include_prompt,
+        length_source=cap.source,
+        module_types=tuple(module.type_name for module in modules),
+        saved_by=saved_by,
     )

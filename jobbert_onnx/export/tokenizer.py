@@ -17,16 +17,16 @@ def write_tokenizer(spec: ModelSpec, path: Path) -> None:
     The pipeline is taken from transformers' tokenizer as loaded from the source
     folder, not copied from the source ``tokenizer.json``: transformers 5 rebuilds
     XLM-R's pre-tokenizer and post-processor from its tokenizer class, and the
-    vectors must match what sentence-transformers computes. The cap comes from
-    ``sentence_bert_config.json`` (64 for JobBERT-v3), not from the truncation in
-    the source files (128 in the real ones).
+    vectors must match what sentence-transformers computes. The cap is the one
+    sentence-transformers applies (`st_format.length_cap`: 64 for JobBERT-v3), not the
+    truncation in the source files (128 in the real ones).
     """
-    source = spec.folder / "tokenizer.json"
+    source = spec.encoder_folder / "tokenizer.json"
     loaded = load_tokenizer(spec)
     backend = getattr(loaded, "backend_tokenizer", None)
     if backend is None:
         raise UnsupportedModelError(
-            f"transformers loaded {type(loaded).__name__} from {spec.folder}, not a fast tokenizer"
+            f"transformers loaded {type(loaded).__name__} from {spec.encoder_folder}, not a fast tokenizer"
         )
     tokenizer = Tokenizer.from_str(backend.to_str())
     vocab = tokenizer.get_vocab_size(with_added_tokens=True)
@@ -51,12 +51,12 @@ def check_special_tokens(tokenizer: Tokenizer, loaded: Any, spec: ModelSpec) -> 
     must be wrapped in the tokenizer's own start and end tokens (``<s> ... </s>`` for XLM-R,
     ``[CLS] ... [SEP]`` for BERT), as the encoder was trained.
     """
-    source = spec.folder / "tokenizer.json"
+    source = spec.encoder_folder / "tokenizer.json"
     config_pad = int(spec.encoder_config["pad_token_id"])
     pad_id = loaded.pad_token_id
     if pad_id != config_pad:
         raise UnsupportedModelError(
-            f"the tokenizer pads with id {pad_id} ({loaded.pad_token!r}) but {spec.folder / 'config.json'} has "
+            f"the tokenizer pads with id {pad_id} ({loaded.pad_token!r}) but {spec.encoder_folder / 'config.json'} has "
             f"pad_token_id {config_pad}: the encoder would take padding for text (and XLM-R shift its positions); "
             "make the two agree"
         )

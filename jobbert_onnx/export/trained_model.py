@@ -19,8 +19,9 @@ import shutil
 from pathlib import Path
 
 from jobbert_onnx.errors import UsageError
+from jobbert_onnx.export import st_format
 from jobbert_onnx.export.random_model import LAYOUTS, write_layout
-from jobbert_onnx.export.source import UnsupportedModelError
+from jobbert_onnx.export.st_format import UnsupportedModelError
 
 # The encoder's own files, copied as they are (those a tokenizer or model needs).
 ENCODER_FILES = (
@@ -32,8 +33,6 @@ ENCODER_FILES = (
     "vocab.txt",
     "sentencepiece.bpe.model",
 )
-_TRANSFORMER = "sentence_transformers.models.Transformer"
-_POOLING = "sentence_transformers.models.Pooling"
 
 
 def _read(path: Path) -> object:
@@ -64,14 +63,16 @@ def wrap_trained_encoder(source: str | Path, folder: str | Path, layout: str = "
     if layout not in LAYOUTS:
         raise UsageError(f"unknown layout {layout!r}; choose one of: {', '.join(LAYOUTS)}")
     source, folder = Path(source), Path(folder)
-    modules = _read(source / "modules.json")
-    types = [m.get("type") for m in modules] if isinstance(modules, list) else []
-    if types[:2] != [_TRANSFORMER, _POOLING] or not isinstance(modules, list):
-        raise UnsupportedModelError(f"{source / 'modules.json'} lists {types}; expected Transformer -> Pooling first")
-    encoder = source / modules[0].get("path", "")
-    pooling = _read(source / modules[1]["path"] / "config.json")
-    if not isinstance(pooling, dict) or not pooling.get("pooling_mode_mean_tokens"):
-        raise UnsupportedModelError(f"{source} does not pool by mean; JobBERT-v3 does, so its numerics would differ")
+    modules = st_format.read_modules(source)
+    kinds = [module.kind for module in modules]
+    if kinds[:2] != [st_format.TRANSFORMER, st_format.POOLING]:
+        found = [module.type_name for module in modules]
+        raise UnsupportedModelError(f"{source / 'modules.json'} lists {found}; expected Transformer -> Pooling first")
+    encoder = modules[0].folder
+    hidden = _read(encoder / "config.json")
+    if not isinstance(hidden, dict):
+        raise UnsupportedModelError(f"{encoder / 'config.json'} is not a JSON object")
+    st_format.read_pooling(modules[1].folder, int(hidden["hidden_size"]))  # mean only: JobBERT-v3's numerics
     if not (encoder / "model.safetensors").is_file():
         raise UnsupportedModelError(f"{encoder / 'model.safetensors'} is missing")
     if folder.exists() and any(folder.iterdir()):
@@ -80,10 +81,7 @@ def wrap_trained_encoder(source: str | Path, folder: str | Path, layout: str = "
     for name in ENCODER_FILES:
         if (encoder / name).is_file():
             shutil.copyfile(encoder / name, folder / name)
-    config = _read(folder / "config.json")
-    st_config = _read(encoder / "sentence_bert_config.json")
-    if not isinstance(config, dict) or not isinstance(st_config, dict):
-        raise UnsupportedModelError(f"{encoder} holds a config that is not a JSON object")
+    st_config, _ = st_format.transformer_config(encoder)
     torch.manual_seed(seed)
-    write_layout(folder, int(config["hidden_size"]), layout, do_lower_case=bool(st_config.get("do_lower_case")))
+    write_layout(folder, int(hidden["hidden_size"]), layout, do_lower_case=bool(st_config.get("do_lower_case")))
     return folder

@@ -21,6 +21,15 @@ from jobbert_onnx.vectors import row_cosines
 # Cosine to the fp32 PyTorch vectors that every variant must reach, for both heads:
 # (lowest over the sample, mean over the sample).
 REQUIRED_COSINE = {"fp32": (0.99999, 0.99999), "fp16": (0.999, 0.999), "int8": (0.98, 0.995)}
+
+
+def allowed_norm_error(min_cosine: float) -> float:
+    """How far a vector's length may stray from the reference's (relative), for a variant whose
+    gate lets its direction stray to `min_cosine`: the same distance, sqrt(2 (1 - cos)), along the
+    vector. Cosines cannot see a head whose scale is wrong (a Normalize left out, or added)."""
+    return float(np.sqrt(2.0 * (1.0 - min_cosine)))
+
+
 # onnxruntime's CPU provider has no fp16 kernels for most of the encoder: it casts to fp32 and back.
 FP16_ON_CPU = (
     "fp16 ran on the CPU, where onnxruntime computes fp16 nodes in fp32 between casts: "
@@ -123,15 +132,20 @@ def _compare(encoder: Encoder, expected: Expected, heads: dict[str, Any], least:
     ok = True
     for route in encoder.tasks:
         got = encoder.encode(expected.texts, task=route, batch_size=16)
-        cosines = row_cosines(got, expected.vectors[route])
+        reference = expected.vectors[route]
+        cosines = row_cosines(got, reference)
         worst = int(np.argmin(cosines))
+        lengths = np.linalg.norm(reference.astype(np.float64), axis=1)
+        norm_error = np.abs(np.linalg.norm(got.astype(np.float64), axis=1) - lengths) / np.maximum(lengths, 1e-12)
         heads[route] = {
             "min_cosine": float(cosines.min()),
             "mean_cosine": float(cosines.mean()),
-            "max_abs_diff": float(np.abs(got - expected.vectors[route]).max()),
+            "max_abs_diff": float(np.abs(got - reference).max()),
+            "max_norm_error": float(norm_error.max()),
             "worst_text": expected.texts[worst][:80],
         }
-        ok = ok and bool(cosines.min() >= least and cosines.mean() >= mean)
+        within = norm_error.max() <= allowed_norm_error(least)
+        ok = ok and bool(cosines.min() >= least and cosines.mean() >= mean and within)
     return ok
 
 
@@ -158,5 +172,11 @@ def describe_failure(figures: dict[str, Any], only: str | None = None) -> str:
                     parts.append(
                         f"{name} head {route!r}: mean cosine {head['mean_cosine']:.6f} < "
                         f"{variant['mean_cosine_required']}"
+                    )
+                allowed = allowed_norm_error(variant["min_cosine_required"])
+                if head.get("max_norm_error", 0.0) > allowed:
+                    parts.append(
+                        f"{name} head {route!r}: vector lengths off by up to {head['max_norm_error']:.2%} "
+                        f"(allowed {allowed:.2%})"
                     )
     return "; ".join(parts)

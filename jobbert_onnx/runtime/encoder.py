@@ -16,7 +16,15 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from jobbert_onnx.errors import UsageError, WrongTypeError
-from jobbert_onnx.manifest import POOLING_FILE, TOKENIZER_FILE, Manifest, Variant, head_file, read_manifest
+from jobbert_onnx.manifest import (
+    POOLING_FILE,
+    TOKENIZER_FILE,
+    Manifest,
+    Variant,
+    head_file,
+    read_manifest,
+    route_for,
+)
 from jobbert_onnx.runtime.batching import BatchPlan, plan_batches
 from jobbert_onnx.runtime.chain import GraphChain, encoder_graph, uses_merged
 from jobbert_onnx.runtime.memory import trim_heap
@@ -171,9 +179,11 @@ class Encoder:
         return self.manifest.routes
 
     @property
-    def default_task(self) -> str:
-        """The head used when `task` is None (``anchor``: job titles)."""
-        return self.manifest.default_route
+    def default_task(self) -> str | None:
+        """The head used when `task` is None (``anchor``: job titles); None where the model has no
+        default and every call must name its task."""
+        m = self.manifest
+        return route_for(None, m.routes, m.default_route, m.task_routes, m.catch_all_route)
 
     @property
     def max_seq_length(self) -> int:
@@ -189,12 +199,21 @@ class Encoder:
         return self.manifest.output_dim
 
     def resolve_task(self, task: str | None) -> str:
-        """The head for `task` (None: the default); errors name the valid tasks."""
-        if task is None:
-            return self.default_task
-        if task not in self.tasks:
-            raise UsageError(f"unknown task {task!r}; this model has: {', '.join(self.tasks)}")
-        return task
+        """The head for `task`, as sentence-transformers' Router routes text (`manifest.route_for`):
+        a task the model maps goes where it maps it, others to the head of their name; None to the
+        default. Errors name the valid tasks."""
+        if task is not None and not isinstance(task, str):
+            raise WrongTypeError(f"task must be a str or None; got {type(task).__name__}")
+        m = self.manifest
+        route = route_for(task, m.routes, m.default_route, m.task_routes, m.catch_all_route)
+        if route is None and task is None:
+            raise UsageError(f"this model has no default task; pass task= one of: {', '.join(self._task_names())}")
+        if route is None:
+            raise UsageError(f"unknown task {task!r}; this model has: {', '.join(self._task_names())}")
+        return route
+
+    def _task_names(self) -> list[str]:
+        return [*self.tasks, *(task for task in self.manifest.task_routes if task not in self.tasks)]
 
     def encode(
         self,
@@ -252,6 +271,11 @@ class Encoder:
                 f"truncate_dim must be in [1, {self.get_sentence_embedding_dimension()}]; got {truncate_dim}"
             )
         if prompt:
+            if not self.manifest.include_prompt:
+                raise UsageError(
+                    "this model pools without its prompt's tokens (include_prompt=false), which this runtime does not "
+                    "do: encode without prompt="
+                )
             texts = [prompt + text for text in texts]
 
         unique, repeats = distinct(texts) if self.tuning.dedup else (texts, None)

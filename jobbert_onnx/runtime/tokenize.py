@@ -12,6 +12,7 @@ thread that drives the device; offsets, which nothing here reads, are not comput
 Padding gathers a batch's rows from one flat table of the chunk's ids with numpy,
 not row by row.
 
+Leading and trailing whitespace is stripped first (`TextTokenizer.tokenize` says why).
 Long texts are cut before tokenizing (`cut_long_text`): the model keeps only its
 first tokens, and tokenizing a 3,000-character text whole to keep 64 of its
 tokens cost 6x a skill list's time. The cut is at a space between two printable
@@ -111,7 +112,15 @@ class TextTokenizer:
         self._filler = tokenizer.encode("", add_special_tokens=True).ids[:max_seq_length] or [self.pad_id]
 
     def tokenize(self, texts: list[str]) -> Tokenized:
-        """Token ids with ``<s> ... </s>``, truncated to the cap, not padded."""
+        """Token ids with ``<s> ... </s>``, truncated to the cap, not padded.
+
+        Texts are stripped of leading and trailing whitespace first, as sentence-transformers
+        did up to 5.3 (JobBERT-v3 was trained and published with it). transformers 5's XLM-R
+        tokenizer splits on whitespace, so there it changes nothing; the pipeline transformers 4
+        writes keeps a trailing space as a token of its own, and an export made with it would
+        otherwise give " Koch " another vector than "Koch".
+        """
+        texts = [text.strip() for text in texts]
         cut = list(texts)
         long = [row for row, text in enumerate(texts) if len(text) > self.cut_chars]
         for row in long:

@@ -65,7 +65,7 @@ def parse_request(
     body: bytes,
     *,
     routes: tuple[str, ...],
-    default_route: str,
+    default_route: str | None,
     served_model: str,
     dimensions: int,
     max_inputs: int,
@@ -116,7 +116,13 @@ def parse_request(
         )
 
     input_type = payload.get("input_type")
-    route = default_route if input_type is None else _route(input_type, routes)
+    if input_type is not None:
+        route = _route(input_type, routes)
+    elif default_route is not None:
+        route = default_route
+    else:
+        fix = f"set 'input_type' to one of: {_input_types(routes)}"
+        raise ApiError(400, f"this model has no default input_type; {fix}", param="input_type")
 
     wanted = payload.get("dimensions")
     if wanted is not None and (isinstance(wanted, bool) or wanted != dimensions):
@@ -161,8 +167,12 @@ def _texts(value: Any, max_inputs: int, max_chars: int) -> list[str]:
     return [text[:max_chars] for text in value]
 
 
+def _input_types(routes: tuple[str, ...]) -> str:
+    return ", ".join(name for name, route in INPUT_TYPE_ALIASES.items() if route in routes)
+
+
 def _route(input_type: Any, routes: tuple[str, ...]) -> str:
-    valid = ", ".join(name for name, route in INPUT_TYPE_ALIASES.items() if route in routes)
+    valid = _input_types(routes)
     if not isinstance(input_type, str):
         raise ApiError(
             400, f"'input_type' must be a string, one of: {valid}; got {_kind(input_type)}", param="input_type"

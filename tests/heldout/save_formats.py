@@ -4,10 +4,13 @@ For each release, a virtual environment of its own (PyPI, kept under the work fo
 the hand-written JobBERT-v3 layouts (legacy Asym, and Router from 5.0 on, when the Router
 appeared), saves them and encodes the check texts with both heads (`st_save.py`). This
 project's environment then exports each saved folder (fp32) and compares its vectors with
-that release's: the same gate as the suite (min cosine >= 0.99999 on both heads).
+that release's: the same gate as the suite (min cosine >= 0.99999 on both heads). With
+``--export-there`` the export runs in the release's environment instead, under the
+transformers that release was installed with.
 
-    scripts/check-save-formats.sh                 # the releases in RELEASES
-    scripts/check-save-formats.sh 5.2.3 6.1.0     # others
+    scripts/check-save-formats.sh                        # the releases in RELEASES
+    scripts/check-save-formats.sh 5.2.3 6.1.0:transformers==5.17.*   # others
+    scripts/check-save-formats.sh --export-there         # exported under each release's transformers
 
 Needs network access to PyPI; several minutes per release the first time (each environment
 installs torch), seconds per release after that.
@@ -29,6 +32,7 @@ from typing import Any
 import numpy as np
 
 TESTS = Path(__file__).resolve().parents[1]
+ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import parity_texts  # noqa: E402
@@ -109,10 +113,31 @@ def pickled_heads(model: Path, target: Path) -> Path:
     return target
 
 
+def with_exporter(python: Path) -> Path:
+    """The release's environment with this project's exporter added (its own torch and transformers
+    kept), so an export runs under the transformers of that release's day."""
+    marker = python.parents[1] / "exporter-ready"
+    if not marker.is_file():
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        for packages in (["onnx", "onnxruntime", "safetensors", "sympy", "packaging"], ["--no-deps", "-e", str(ROOT)]):
+            done = subprocess.run([*pip, *packages], capture_output=True, text=True)
+            if done.returncode:
+                raise RuntimeError(f"pip install {' '.join(packages)} failed: {done.stderr.strip().splitlines()[-1:]}")
+        marker.write_text("")
+    return python
+
+
 def check(
-    work: Path, release: str, requirement: str, layout: str, models: dict[str, Path], texts_file: Path
+    work: Path,
+    release: str,
+    requirement: str,
+    layout: str,
+    models: dict[str, Path],
+    texts_file: Path,
+    export_there: bool = False,
 ) -> dict[str, Any]:
-    """Save `layout` with `release`, export what it wrote, and compare the two sets of vectors."""
+    """Save `layout` with `release`, export what it wrote (here, or with `export_there` in the release's
+    environment), and compare the two sets of vectors."""
     python = environment(work, release, requirement)
     source = models[layout] if _major(release) >= 3 else pickled_heads(models[layout], work / "models" / "pickled")
     run = python.parents[1] / f"run-{layout}"
@@ -135,7 +160,14 @@ def check(
     versions = json.loads((vectors / "versions.json").read_text())
     # Releases before 3.0 write the heads' weights with pickle only: exported as a user who trusts them would.
     pickled = any(saved.glob("*/*/pytorch_model.bin"))
-    export_model(str(saved), run / "export", precision="fp32", validate_device="cpu", log=_quiet, allow_pickle=pickled)
+    if export_there:
+        command = [str(with_exporter(python)), "-m", "jobbert_onnx.cli", "export", str(saved), str(run / "export")]
+        command += ["--precision", "fp32", "--validate-device", "cpu", *(["--allow-pickle"] if pickled else [])]
+        subprocess.run(command, check=True, env=env, capture_output=True)
+    else:
+        export_model(
+            str(saved), run / "export", precision="fp32", validate_device="cpu", log=_quiet, allow_pickle=pickled
+        )
     encoder = Encoder.load(run / "export", device="cpu", precision="fp32")
     texts = json.loads(texts_file.read_text())
     manifest = encoder.manifest.raw
@@ -146,6 +178,7 @@ def check(
         "module_types": manifest["source"]["module_types"],
         "max_seq_length_from": manifest["source"]["max_seq_length_from"],
         "pickled_heads": pickled,
+        "exported_with": manifest["versions"]["transformers"],
         "texts": len(texts),
         "heads": {},
     }
@@ -171,19 +204,19 @@ def _verdict(result: dict[str, Any]) -> str:
 
 def table(results: list[dict[str, Any]]) -> str:
     lines = [
-        "| sentence-transformers | transformers | layout loaded | asymmetric module written as | length cap from | "
-        "min cosine anchor / positive | max abs diff | |",
-        "|---|---|---|---|---|---|---|---|",
+        "| sentence-transformers | its transformers | layout loaded | asymmetric module written as | length cap from | "
+        "exported with transformers | min cosine anchor / positive | max abs diff | |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['release']} | | {r['layout']} | | | | | error: {r['error']} |")
+            lines.append(f"| {r['release']} | | {r['layout']} | | | | | | error: {r['error']} |")
             continue
         heads = r["heads"]
         written = f"`{r['module_types'][2]}`" + (", heads pickled" if r["pickled_heads"] else "")
         lines.append(
             f"| {r['release']} | {r['versions']['transformers']} | {r['layout']} | {written} | "
-            f"{r['max_seq_length_from']} | {heads['anchor']['min_cosine']:.7f} / "
+            f"{r['max_seq_length_from']} | {r['exported_with']} | {heads['anchor']['min_cosine']:.7f} / "
             f"{heads['positive']['min_cosine']:.7f} | "
             f"{max(h['max_abs_diff'] for h in heads.values()):.1e} | {_verdict(r)} |"
         )
@@ -196,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
         "releases", nargs="*", default=list(RELEASES), help="sentence-transformers releases, as RELEASE[:REQUIREMENT]"
     )
     parser.add_argument("--work", type=Path, default=Path(".heldout"), help="environments and runs (kept)")
+    parser.add_argument(
+        "--export-there",
+        action="store_true",
+        help="export in each release's environment (its transformers), not in this project's",
+    )
     args = parser.parse_args(argv)
     work: Path = args.work.resolve()
     models = work / "models"
@@ -213,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
         for layout in layouts(release):
             _log(f"sentence-transformers {release} ({requirement or 'its own requirements'}), {layout} layout ...")
             try:
-                results.append(check(work, release, requirement, layout, built, texts_file))
+                results.append(check(work, release, requirement, layout, built, texts_file, args.export_there))
             except Exception as error:  # one release's failure is a result, not the end of the check
                 results.append({"release": release, "layout": layout, "error": f"{type(error).__name__}: {error}"})
             _log(f"  {results[-1].get('passed', results[-1].get('error'))}")
-    (work / "results.json").write_text(json.dumps(results, indent=2))
+    (work / ("results-exported-there.json" if args.export_there else "results.json")).write_text(
+        json.dumps(results, indent=2)
+    )
     print(table(results))
     return 0 if all(r.get("passed") for r in results) else 1
 

@@ -184,6 +184,30 @@ def test_a_trailing_normalize_is_exported_into_the_heads(tiny_models: dict[str, 
 
 
 @pytest.mark.slow
+def test_a_head_that_loses_its_normalize_fails_validation_by_its_lengths(
+    tiny_models: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cosines cannot see a scale: the lengths are what catch a Normalize the graphs left out."""
+    import dataclasses
+
+    from jobbert_onnx.export import ExportValidationError, graphs
+
+    folder = _copy(tiny_models["router"], tmp_path)
+    modules = _read(folder / "modules.json")
+    modules.append({"idx": 3, "name": "3", "path": "3_Normalize", "type": "sentence_transformers.models.Normalize"})
+    _write(folder / "modules.json", modules)
+    write_head = graphs.write_head
+
+    def without_normalize(path: Path, head: Any) -> None:
+        write_head(path, dataclasses.replace(head, normalize=False))
+
+    monkeypatch.setattr(graphs, "write_head", without_normalize)
+    with pytest.raises(ExportValidationError, match=r"fp32 head 'anchor': vector lengths off by up to .*%") as error:
+        export_model(str(folder), tmp_path / "out", precision="fp32", validate_device="cpu", log=_quiet)
+    assert "min cosine" not in str(error.value), "the directions are right: only the lengths are wrong"
+
+
+@pytest.mark.slow
 def test_mapped_tasks_are_routed_as_sentence_transformers_routes_them(
     tiny_models: dict[str, Path], tmp_path: Path
 ) -> None:

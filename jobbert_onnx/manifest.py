@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +148,9 @@ class Manifest:
     raw: dict[str, Any]
     # Task names that reach a head other than their own (the Router's route_mappings for text), and
     # the head every task reaches when the model maps them all to one.
-    task_routes: dict[str, str] = field(default_factory=dict)
-    catch_all_route: str | None = None
-    include_prompt: bool = True  # False: the model pools without the prompt's tokens
+    task_routes: dict[str, str]
+    catch_all_route: str | None
+    include_prompt: bool  # False: the model pools without the prompt's tokens
 
     def path(self, name: str) -> Path:
         """Absolute path of one file listed in the manifest."""

@@ -9,7 +9,9 @@ model with RANDOM weights, its export (fp16, fp32, int8), the peers' environment
 and their ONNX files. Each contender runs in its own process, in order of value;
 the results file is rewritten after each one (a run cut short keeps what it
 measured), and with --deadline-s the contenders that no longer fit are listed as
-not run. Results go to --out as JSON and a Markdown table.
+not run. Results go to --out as JSON and a Markdown table, and nothing else: each
+contender's vectors and files pass through --scratch (default: under --work), so that
+--out holds only its two results files, each replaced whole, however the run ends.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import ceilings, mask_exports, peers, report, workloads
+from benchmarks.files import write_whole
 from benchmarks.worker import SAME_ONNXRUNTIME_ENV
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -63,19 +66,42 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
     """Every contender for one device, in order of value: name, kind, environment, options."""
     if device == "cuda":
         large = [1024, 4096]  # the default runs every batch size; its variants the large ones
-        small = [32, 256, 1024]  # CUDA graphs pay for small batches
+        small = [32, 256]  # CUDA graphs pay for small batches
         ours = "jobbert-onnx"
         # In order of what the proof must not miss: a benchmark past its deadline starts no more.
-        # After ours and the peer, each piece of the CUDA path against the default without it.
+        # The targets first: ours and the peer at the same batch sizes, then batch-1 with CUDA graphs.
+        # Then each piece of the CUDA path against the default without it; the attention-mask forms
+        # against the chained graphs (their copies have no merged graph), so only the form differs.
         return [
             # The fp32 reference is there for quality: it encodes the texts compared, once.
             _contender(REFERENCE, "st-torch", quality_only=True),
             # The CUDA default with a merged export (the proof's): one graph, one run per batch.
             _contender("jobbert-onnx fp16", ours, precision="fp16", merged=True),
-            _contender("sentence-transformers PyTorch fp16", "st-torch", batch_sizes=[1024], precision="fp16"),
+            _contender("sentence-transformers PyTorch fp16", "st-torch", precision="fp16"),
+            _contender("jobbert-onnx fp16, CUDA graphs", ours, batch_sizes=small, precision="fp16", cuda_graphs=True),
             _contender("jobbert-onnx fp16, chained graphs", ours, precision="fp16", merged=False),
             _contender(
-                "jobbert-onnx fp16, one batch in flight", ours, batch_sizes=small, precision="fp16", in_flight=1
+                "jobbert-onnx fp16, chained graphs, mask 1D lengths",
+                ours,
+                batch_sizes=large,
+                precision="fp16",
+                merged=False,
+                mask="lengths",
+            ),
+            _contender(
+                "jobbert-onnx fp16, chained graphs, mask 2D",
+                ours,
+                batch_sizes=large,
+                precision="fp16",
+                merged=False,
+                mask="2d",
+            ),
+            _contender(
+                "jobbert-onnx fp16, one batch in flight",
+                ours,
+                batch_sizes=[32, 256, 1024],
+                precision="fp16",
+                in_flight=1,
             ),
             _contender(
                 "jobbert-onnx fp16, buckets 8/16/32/64, no token budget",
@@ -95,9 +121,6 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
             _contender(
                 "jobbert-onnx fp16, padding removed (packed)", ours, batch_sizes=large, precision="fp16", packed=True
             ),
-            _contender("jobbert-onnx fp16, CUDA graphs", ours, batch_sizes=small, precision="fp16", cuda_graphs=True),
-            _contender("jobbert-onnx fp16, mask 1D lengths", ours, batch_sizes=large, precision="fp16", mask="lengths"),
-            _contender("jobbert-onnx fp16, mask 2D", ours, batch_sizes=large, precision="fp16", mask="2d"),
             _contender(
                 "jobbert-onnx fp16, token budget 65536", ours, batch_sizes=[4096], precision="fp16", token_budget=65536
             ),
@@ -138,6 +161,26 @@ def contenders(device: str, quant_preset: str) -> list[dict[str, Any]]:
         _contender("jobbert-onnx fp32", "jobbert-onnx", precision="fp32"),
         _contender("jobbert-onnx fp16", "jobbert-onnx", precision="fp16"),
     ]
+
+
+def _missing(contender: dict[str, Any], device: str, export: Path) -> str | None:
+    """Why `contender` cannot run here, or None. The benchmark builds no export of its own under a
+    deadline: the attention-mask copies and the packed encoder come from `benchmarks.mask_exports`
+    (the GPU proof makes them in its model step)."""
+    options = contender["options"]
+    if device == "cpu" and options.get("cuda_graphs"):
+        return "CUDA graphs need a GPU"
+    if device == "cpu" and options.get("packed"):
+        return "the packed encoder needs a GPU"
+    if options.get("packed") and not mask_exports.has_packed(export):
+        return f"not run: {export} has no packed encoder; add it with python -m benchmarks.mask_exports {export} packed"
+    mask = options.get("mask")
+    if mask is not None and not mask_exports.has_copy(export, mask):
+        return (
+            f"not run: no copy of {export} with the {mask} attention mask; "
+            f"make it with python -m benchmarks.mask_exports {export} {mask}"
+        )
+    return None
 
 
 def _slug(name: str) -> str:
@@ -270,14 +313,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=ROOT / ".bench", help="where models, exports, envs are kept")
     parser.add_argument("--export", type=Path, help="an export of --model to use (default: one made under --work)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--scratch", type=Path, help="the contenders' vectors and result files (default: WORK/scratch; emptied)"
+    )
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--titles", type=int, default=1024)
     parser.add_argument("--skill-lists", type=int, default=256)
     parser.add_argument("--batch-sizes", help="comma-separated (default 32,256,1024; with --quick 8,16)")
     parser.add_argument("--latency-calls", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=1, help="timed runs per throughput point (the median counts)")
+    parser.add_argument(
+        "--batches-per-point",
+        type=int,
+        help="time each batch size on its first N batches' worth of texts only (default: all texts)",
+    )
     parser.add_argument("--deadline-s", type=float, help="start no contender after this many seconds")
-    parser.add_argument("--only", help="comma-separated contender names: run only those (and the reference)")
+    parser.add_argument(
+        "--only",
+        action="append",
+        help="run only this contender (and the reference); repeat it, or separate names by commas "
+        "(a name that holds a comma is given alone)",
+    )
     parser.add_argument(
         "--contenders",
         choices=["cpu", "cuda"],
@@ -299,6 +355,9 @@ def main(argv: list[str] | None = None) -> int:
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8,16" if args.quick else "32,256,1024")).split(",")]
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    scratch = args.scratch or args.work / "scratch"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
     started = time.perf_counter()
 
     model, export = _prepare(args)
@@ -328,8 +387,12 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = contenders(args.contenders or args.device, peers.quantization_config())
     if args.only:
-        keys = {k.strip().lower() for k in args.only.split(",")}
         known = {c["name"].lower() for c in chosen}
+        keys = {
+            key.strip()
+            for value in args.only
+            for key in ([value.lower()] if value.strip().lower() in known else value.lower().split(","))
+        }
         if keys - known:
             raise SystemExit(f"--only: no contender named {', '.join(sorted(keys - known))}; known: {sorted(known)}")
         chosen = [c for c in chosen if c["name"] == REFERENCE or c["name"].lower() in keys]
@@ -355,8 +418,11 @@ def main(argv: list[str] | None = None) -> int:
             for name, s in texts.items()
         },
         "batch_sizes": batch_sizes,
+        "batches_per_point": args.batches_per_point,
         "repeats": args.repeats,
         "latency_calls": args.latency_calls,
+        # Every contender meant to run, in order: a run cut short shows which were not reached.
+        "planned": [c["name"] for c in chosen],
         "contenders": results,
     }
     for contender in chosen:
@@ -364,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
         options = dict(contender["options"])
         mask = options.pop("mask", None)
         if mask is not None:
-            options["export"] = str(mask_exports.derive(export, mask))
+            options["export"] = str(mask_exports.copy_path(export, mask))
         config = {
             **contender,
             "options": options,
@@ -382,15 +448,15 @@ def main(argv: list[str] | None = None) -> int:
             "quality_only": contender.get("quality_only", False),
             "quality_texts": args.quality_texts,
             "repeats": args.repeats,
+            "batches_per_point": args.batches_per_point,
             "latency_calls": args.latency_calls,
-            "out": str(args.out),
+            "out": str(scratch),
         }
         python = pythons[contender["env"]]
         elapsed = time.perf_counter() - started
-        if args.device == "cpu" and contender["options"].get("cuda_graphs"):
-            results.append({"contender": contender["name"], "error": "CUDA graphs need a GPU"})
-        elif args.device == "cpu" and contender["options"].get("packed"):
-            results.append({"contender": contender["name"], "error": "the packed encoder needs a GPU"})
+        missing = _missing(contender, args.device, export)
+        if missing is not None:
+            results.append({"contender": contender["name"], "error": missing})
         elif args.deadline_s is not None and elapsed > args.deadline_s:
             late = f"past the {args.deadline_s:.0f} s deadline"
             results.append({"contender": contender["name"], "error": late})
@@ -401,14 +467,13 @@ def main(argv: list[str] | None = None) -> int:
             _log(f"running {contender['name']} ...")
             results.append(_run_contender(config, python, args.timeout))
             _log(f"  {report.one_line(results[-1])}")
-        _quality(results, args.out, texts)
+        _quality(results, scratch, texts)
         _write(document, args, started)
         if contender["name"] == REFERENCE and "error" in results[-1]:
             _log("the fp32 reference failed, so no contender's quality can be measured: stopping")
             break
 
-    for stale in args.out.glob("*.npy"):
-        stale.unlink()
+    shutil.rmtree(scratch, ignore_errors=True)
     print(_write(document, args, started))
     return 0
 
@@ -417,9 +482,9 @@ def _write(document: dict[str, Any], args: argparse.Namespace, started: float) -
     """Write the results as they stand (JSON and Markdown); return the Markdown."""
     document["total_s"] = time.perf_counter() - started
     stem = f"bench-{args.device}"
-    (args.out / f"{stem}.json").write_text(json.dumps(document, indent=2) + "\n")
+    write_whole(args.out / f"{stem}.json", json.dumps(document, indent=2) + "\n")
     table = report.markdown(document)
-    (args.out / f"{stem}.md").write_text(table)
+    write_whole(args.out / f"{stem}.md", table)
     return table
 
 

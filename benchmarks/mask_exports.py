@@ -2,7 +2,9 @@
 
     python -m benchmarks.mask_exports EXPORT FORM [FORM ...]     # e.g. lengths 2d packed
 
-``packed`` adds the packed fp16 encoder (`export --packed`) to EXPORT itself, made from its
+Each form may run in a process of its own beside the others (the GPU proof runs
+them side by side): the copies lie beside EXPORT, and every manifest is replaced
+whole. ``packed`` adds the packed fp16 encoder (`export --packed`) to EXPORT itself, made from its
 fp32 encoder: the GPU proof adds it apart from the export, so that a packed encoder that
 misses its gate costs the proof one contender, not its export. The benchmark compares its
 vectors with the PyTorch reference like every contender's.
@@ -21,23 +23,40 @@ import shutil
 import sys
 from pathlib import Path
 
+from benchmarks.files import write_whole
 from jobbert_onnx.export.graphs import write_variant
 from jobbert_onnx.manifest import MANIFEST_NAME, encoder_file, read_manifest, sha256_file
 
 
+def copy_path(export: Path, form: str) -> Path:
+    """Where the copy of `export` with the mask in `form` lies: `export` itself where that is its form."""
+    if read_manifest(export).variants["fp16"].attention_mask == form:
+        return export
+    return export.with_name(f"{export.name}-mask-{form}")
+
+
+def has_copy(export: Path, form: str) -> bool:
+    """Whether the copy of `export` with the mask in `form` was made (or `export` has that form)."""
+    out = copy_path(export, form)
+    return (out / MANIFEST_NAME).is_file() and read_manifest(out).variants["fp16"].attention_mask == form
+
+
+def has_packed(export: Path) -> bool:
+    return read_manifest(export).variants["fp16"].packed_file is not None
+
+
 def derive(export: Path, form: str) -> Path:
     """A copy of `export` beside it whose fp16 encoder takes the mask in `form` (made once, then reused)."""
-    out = export.with_name(f"{export.name}-mask-{form}")
-    manifest = read_manifest(export)
-    if manifest.variants["fp16"].attention_mask == form:
-        return export
-    if (out / MANIFEST_NAME).is_file() and read_manifest(out).variants["fp16"].attention_mask == form:
+    out = copy_path(export, form)
+    if has_copy(export, form):
         return out
+    manifest = read_manifest(export)
     if "fp32" not in manifest.variants:
         raise ValueError(f"{export} has no fp32 encoder to derive an fp16 one with the {form!r} mask from")
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
-    stale = {encoder_file("fp16"), manifest.variants["fp16"].merged_file}  # the merged graph has the old form
+    # The merged graph has the old form; the packed encoder (added apart, perhaps meanwhile) takes no mask.
+    stale = {encoder_file("fp16"), manifest.variants["fp16"].merged_file, manifest.variants["fp16"].packed_file}
     for name in manifest.files:
         if name not in stale:
             os.link(export / name, out / name) if _same_device(export, out) else shutil.copy2(export / name, out / name)
@@ -49,18 +68,44 @@ def derive(export: Path, form: str) -> Path:
     raw["variants"] = {
         **raw["variants"],
         "fp16": {
-            **{key: value for key, value in raw["variants"]["fp16"].items() if key != "merged"},
+            **{
+                key: value
+                for key, value in raw["variants"]["fp16"].items()
+                if key not in ("merged", "merged_nodes", "packed", "packed_nodes")
+            },
             "nodes": nodes,
             "attention_mask": form,
             "validation": {"note": f"derived by benchmarks.mask_exports from {export}; not validated at export"},
         },
     }
-    (out / MANIFEST_NAME).write_text(json.dumps(raw, indent=2) + "\n")
+    write_whole(out / MANIFEST_NAME, json.dumps(raw, indent=2) + "\n")
     return out
 
 
 def _same_device(a: Path, b: Path) -> bool:
     return a.stat().st_dev == b.stat().st_dev
+
+
+def add_fp16(export: Path, form: str = "lengths-starts") -> Path:
+    """Write an fp16 encoder into `export` (from its fp32 encoder, the mask in `form`), unvalidated:
+    for measuring fp16 where the export's gate would have left it out (the proof's outlier replica)."""
+    manifest = read_manifest(export)
+    if "fp16" in manifest.variants:
+        return export
+    path = export / encoder_file("fp16")
+    nodes = write_variant(export / encoder_file("fp32"), path, "fp16", form)["nodes"]
+    raw = dict(manifest.raw)
+    raw["files"] = {**raw["files"], path.name: {"sha256": sha256_file(path), "size": path.stat().st_size}}
+    fp16 = {
+        **{key: value for key, value in raw["variants"]["fp32"].items() if key not in ("file", "validation")},
+        "file": path.name,
+        "nodes": nodes,
+        "attention_mask": form,
+        "validation": {"note": "added by benchmarks.mask_exports; not validated at export"},
+    }
+    raw["variants"] = {**raw["variants"], "fp16": fp16}
+    write_whole(export / MANIFEST_NAME, json.dumps(raw, indent=2) + "\n")
+    return export
 
 
 def add_packed(export: Path) -> Path:
@@ -85,7 +130,7 @@ def add_packed(export: Path) -> Path:
         "packed": {"file": path.name, "heads": {}, "note": "added by benchmarks.mask_exports; not validated at export"},
     }
     raw["variants"] = {**raw["variants"], "fp16": fp16}
-    (export / MANIFEST_NAME).write_text(json.dumps(raw, indent=2) + "\n")
+    write_whole(export / MANIFEST_NAME, json.dumps(raw, indent=2) + "\n")
     return export
 
 

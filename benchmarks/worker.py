@@ -77,17 +77,51 @@ def _merged(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
 
 
 def _st_torch(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
+    """sentence-transformers on PyTorch, TF32 off (the fp32 reference must be fp32), fp16 asked for with
+    transformers 5's ``dtype=``; what it ran with is read back from the loaded model."""
     import torch
     from sentence_transformers import SentenceTransformer
 
+    tf32 = _tf32_off(torch)
     half = config["options"].get("precision") == "fp16"
-    model_kwargs = {"torch_dtype": torch.float16} if half else {}
+    model_kwargs = {"dtype": torch.float16} if half else {}
     model = SentenceTransformer(config["model"], device=config["device"], model_kwargs=model_kwargs)
 
     def encode(texts: list[str], task: str, batch_size: int) -> np.ndarray:
         return np.asarray(model.encode(texts, task=task, batch_size=batch_size), dtype=np.float32)
 
-    return encode, {"precision": "fp16" if half else "fp32", "provider": f"torch {config['device']}"}
+    return encode, {
+        "precision": "fp16" if half else "fp32",
+        "provider": f"torch {config['device']}",
+        "dtype": str(getattr(model, "dtype", None)),
+        "parameter_dtypes": parameter_dtypes(model),
+        "tf32": tf32,
+    }
+
+
+def parameter_dtypes(model: Any) -> dict[str, int]:
+    """How many parameters of `model` are held in each dtype (the encoder's and the heads' may differ)."""
+    counts: dict[str, int] = {}
+    for parameter in model.parameters():
+        name = str(parameter.dtype).removeprefix("torch.")
+        counts[name] = counts.get(name, 0) + int(parameter.numel())
+    return counts
+
+
+def _tf32_off(torch: Any) -> dict[str, Any]:
+    """Turn TF32 off for matrix products and cuDNN; returns the settings found and the settings set."""
+
+    def read() -> dict[str, Any]:
+        return {
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+        }
+
+    found = read()
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    return {"found": found, "ran_with": read()}
 
 
 def _st_onnx(config: dict[str, Any]) -> tuple[EncodeFn, dict[str, Any]]:
@@ -181,6 +215,15 @@ def _latency(encode: EncodeFn, texts: list[str], task: str, calls: int) -> dict[
     return {f"p{q}_ms": float(np.percentile(ms, q)) for q in (50, 90, 99)} | {"calls": calls}
 
 
+def point_texts(texts: list[str], batch_size: int, batches: int | None, keep: int | None) -> list[str]:
+    """The texts one throughput point encodes: all of them, or with `batches` the first `batches`
+    batches' worth (small batches need fewer texts to be timed well), never fewer than `keep`
+    (the texts whose vectors are compared)."""
+    if batches is None:
+        return texts
+    return texts[: max(batch_size * batches, keep or 0)]
+
+
 def _throughput(
     encode: EncodeFn, texts: list[str], task: str, batch_size: int, repeats: int
 ) -> tuple[dict[str, Any], np.ndarray]:
@@ -194,7 +237,7 @@ def _throughput(
         vectors = encode(texts, task, batch_size)
         seconds.append(time.perf_counter() - start)
     median = float(np.median(seconds))
-    return {"seconds": median, "texts_per_s": len(texts) / median, "runs": len(seconds)}, vectors
+    return {"seconds": median, "texts_per_s": len(texts) / median, "runs": len(seconds), "texts": len(texts)}, vectors
 
 
 def run(config: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +271,8 @@ def run(config: dict[str, Any]) -> dict[str, Any]:
             if batch_size not in batch_sizes or batch_size > len(texts):
                 row["throughput"][str(batch_size)] = None  # not run for this contender, or fewer texts than a batch
                 continue
-            point, vectors = _throughput(encode, texts, task, batch_size, repeats)
+            timed = point_texts(texts, batch_size, config.get("batches_per_point"), compared)
+            point, vectors = _throughput(encode, timed, task, batch_size, repeats)
             row["throughput"][str(batch_size)] = point
             if batch_size == batch_sizes[0]:
                 np.save(out / f"{config['slug']}.{workload}.npy", vectors[:compared].astype(np.float32))
@@ -325,7 +369,24 @@ def check_onnxruntime() -> None:
         )
 
 
+def die_with_parent() -> None:
+    """Have the kernel kill this process when the process that started it dies (Linux), so that a
+    run killed from outside leaves nothing running: the GPU proof's children start new sessions,
+    which a kill of the proof's own process group does not reach."""
+    try:
+        import ctypes
+        import signal
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: nothing to ask
+        return
+    if os.getppid() == 1:  # the parent died before the request was made
+        os._exit(1)
+
+
 def main(argv: list[str]) -> int:
+    die_with_parent()
     check_onnxruntime()
     config = json.loads(Path(argv[0]).read_text())
     result = run(config)

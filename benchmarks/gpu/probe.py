@@ -4,6 +4,7 @@
     python -m benchmarks.gpu.probe placement EXPORT [EXPORT_2D ...]
     python -m benchmarks.gpu.probe capture EXPORT
     python -m benchmarks.gpu.probe profile EXPORT
+    python -m benchmarks.gpu.probe fidelity MODEL EXPORT_FP32
 
 Each runs in its own process (the proof gives each a time cap). On a machine
 without a usable GPU every subcommand still runs on the CPU provider, and what
@@ -205,33 +206,69 @@ def _placement_of(path: Path, on_gpu: bool) -> dict[str, Any]:
     }
 
 
+def capture_plan(buckets: tuple[int, ...] | list[int], limit: int) -> tuple[list[tuple[int, int]], int]:
+    """The batch shapes (rows, width) the capture probe tries: the first `limit` the runtime would
+    capture (it captures at most `MAX_CUDA_GRAPHS`), small batches first, where graphs pay; and how
+    many more shapes there are that it would run without a graph."""
+    shapes = [(rows, width) for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256) for width in buckets]
+    return shapes[:limit], max(0, len(shapes) - limit)
+
+
+def capture_shapes(graphs: Any, plain: Any, shapes: list[tuple[int, int]]) -> dict[str, Any]:
+    """Run each shape through `graphs` (a chain loaded with CUDA graphs) and `plain`; a shape is
+    labelled captured only where the chain lists it among its captured shapes afterwards."""
+    from jobbert_onnx.runtime.tokenize import Batch
+
+    found: dict[str, Any] = {}
+    rng = np.random.default_rng(0)
+    for rows, width in shapes:
+        ids = rng.integers(5, 1000, (rows, width)).astype(np.int64)
+        batch = Batch(input_ids=ids, attention_mask=np.ones_like(ids))
+        key = f"{rows}x{width}"
+        try:
+            graphs.run(batch, "anchor")  # captures and checks the first replay
+        except Exception as error:  # reported per shape; the next shape is still tried
+            found[key] = {"captured": False, "error": str(error)[:300]}
+            continue
+        captured = (rows, width) in set(graphs.captured_shapes())
+        found[key] = {
+            "captured": captured,
+            "replay_ms" if captured else "uncaptured_ms": _median_ms(lambda b=batch: graphs.run(b, "anchor")),
+            "plain_ms": _median_ms(lambda b=batch: plain.run(b, "anchor")),
+        }
+        if not captured:
+            found[key]["error"] = "ran without a graph: the chain did not capture this shape"
+    return found
+
+
 def capture(export: Path) -> dict[str, Any]:
-    """For every shape the runtime makes with CUDA graphs: does capture work and replay match, and how fast."""
+    """For the shapes the runtime captures with CUDA graphs: does capture work and replay match, and how fast."""
     if _cuda() is not None:
         return {"status": NO_GPU}
     from jobbert_onnx import Encoder, Tuning
-    from jobbert_onnx.runtime.tokenize import Batch
+    from jobbert_onnx.runtime.chain import MAX_CUDA_GRAPHS
 
     plain = Encoder.load(export, device="cuda", verify=False)
     graphs = Encoder.load(export, device="cuda", verify=False, tuning=Tuning(cuda_graphs=True))
-    shapes: dict[str, Any] = {}
-    rng = np.random.default_rng(0)
-    for width in graphs.tuning.buckets or ():
-        for rows in (1, 2, 4, 8, 16, 32, 64, 128, 256):
-            ids = rng.integers(5, 1000, (rows, width)).astype(np.int64)
-            batch = Batch(input_ids=ids, attention_mask=np.ones_like(ids))
-            key = f"{rows}x{width}"
-            try:
-                graphs.chain.run(batch, "anchor")  # captures and checks the first replay
-            except Exception as error:  # reported per shape; the next shape is still tried
-                shapes[key] = {"captured": False, "error": str(error)[:300]}
-                continue
-            shapes[key] = {
-                "captured": True,
-                "replay_ms": _median_ms(lambda b=batch: graphs.chain.run(b, "anchor")),
-                "plain_ms": _median_ms(lambda b=batch: plain.chain.run(b, "anchor")),
-            }
-    return {"status": "ok", "shapes": shapes}
+    plan, beyond = capture_plan(graphs.tuning.buckets or (), MAX_CUDA_GRAPHS)
+    shapes = capture_shapes(graphs.chain, plain.chain, plan)
+    return {"status": "ok", "limit": MAX_CUDA_GRAPHS, "not_probed": beyond, "shapes": shapes}
+
+
+def fidelity(model: Path, export: Path) -> dict[str, Any]:
+    """fp16 (padded, and packed where CUDA runs it) against fp32 PyTorch on `model`, both heads, on the
+    export's validation texts, whether or not they meet the gate: `export` is the one
+    `benchmarks.gpu.outliers` prepares (fp32 validated; fp16 and packed derived from it)."""
+    from jobbert_onnx import samples
+    from jobbert_onnx.export.reference import TorchReference
+    from jobbert_onnx.export.source import read_model
+    from jobbert_onnx.export.validate import Expected, validate_export
+
+    spec = read_model(str(model))
+    expected = Expected.compute(TorchReference(spec), samples.validation_sample(), tuple(spec.heads))
+    device = "cpu" if _cuda() is not None else "cuda"
+    figures = validate_export(export, expected, device, precisions=["fp16"])
+    return {"device": device, "texts": figures["texts"], **figures["variants"]["fp16"]}
 
 
 def _median_ms(call: Any, runs: int = 20) -> float:
@@ -354,6 +391,7 @@ def main(argv: list[str]) -> int:
         "placement": lambda: placement(folders),
         "capture": lambda: capture(folders[0]),
         "profile": lambda: profile(folders[0]),
+        "fidelity": lambda: fidelity(folders[0], folders[1]),
     }
     if command not in answers:
         raise SystemExit(f"unknown probe {command!r}; choose from: {', '.join(answers)}")

@@ -42,6 +42,7 @@ def targets(bench: dict[str, Any] | None, rehearsal: bool) -> list[tuple[str, st
     fastest = min(p50s.values()) if p50s else None
     shown = ", ".join(f"{v:.3f} ms ({'CUDA graphs' if n == GRAPHS else 'default'})" for n, v in p50s.items())
     rows.append((names[2], shown or "not measured", verdict(None if fastest is None else fastest <= 0.4)))
+    # Both ran the same batch sizes: each at its best of them.
     ours, peer = best(OURS, "titles"), best(PEER, "titles")
     ratio = None if not ours or not peer else ours / peer
     rows.append(
@@ -54,6 +55,43 @@ def targets(bench: dict[str, Any] | None, rehearsal: bool) -> list[tuple[str, st
     else:
         rows.append((names[4], "not measured", "not measured"))
     return rows
+
+
+def ratios(bench: dict[str, Any] | None) -> list[str]:
+    """Ours against the peer per workload and batch size, where both ran it (Markdown rows)."""
+    found = {c["contender"]: c for c in (bench or {}).get("contenders", []) if "error" not in c}
+    if OURS not in found or PEER not in found:
+        return []
+    rows = []
+    for workload, row in found[OURS]["workloads"].items():
+        theirs = found[PEER]["workloads"].get(workload, {}).get("throughput", {})
+        for size, point in row["throughput"].items():
+            other = theirs.get(size)
+            if point and other:
+                rows.append(
+                    f"| {workload.replace('_', ' ')} | {size} | {point['texts_per_s']:,.0f} | "
+                    f"{other['texts_per_s']:,.0f} | {point['texts_per_s'] / other['texts_per_s']:.2f}x |"
+                )
+    return rows
+
+
+def not_reached(bench: dict[str, Any] | None) -> list[str]:
+    """Contenders the benchmark meant to run and has no result for (it was stopped before them)."""
+    if bench is None:
+        return []
+    done = {c["contender"] for c in bench["contenders"]}
+    return [name for name in bench.get("planned", []) if name not in done]
+
+
+def _peer_facts(bench: dict[str, Any] | None) -> list[str]:
+    lines = []
+    for result in (bench or {}).get("contenders", []):
+        if result.get("kind") == "st-torch" and "error" not in result:
+            lines.append(
+                f"- {result['contender']}: dtype {result.get('dtype')}, parameters {result.get('parameter_dtypes')}, "
+                f"TF32 found {result.get('tf32', {}).get('found')}, ran with {result.get('tf32', {}).get('ran_with')}"
+            )
+    return lines
 
 
 def summary(facts: dict[str, Any], out: Path) -> str:
@@ -117,15 +155,49 @@ def summary(facts: dict[str, Any], out: Path) -> str:
         else:
             shapes = graphs["shapes"]
             bad = {k: v["error"] for k, v in shapes.items() if not v["captured"]}
-            lines += ["", f"{len(shapes) - len(bad)} of {len(shapes)} shapes captured and replayed correctly."]
+            lines += [
+                "",
+                f"{len(shapes) - len(bad)} of {len(shapes)} shapes probed were captured and replayed correctly "
+                f"(the runtime captures at most {graphs.get('limit', '?')}; {graphs.get('not_probed', '?')} "
+                "larger shapes, which it would run without a graph, were not probed).",
+            ]
             lines += [f"- {shape}: {error}" for shape, error in bad.items()]
             lines += ["", "| shape | replay ms | no graph ms |", "|---|---:|---:|"]
             lines += [
                 f"| {k} | {v['replay_ms']:.3f} | {v['plain_ms']:.3f} |" for k, v in shapes.items() if v["captured"]
             ]
+    outliers = steps.get("outliers", {})
+    if isinstance(outliers.get("fp16"), dict):
+        fp16 = outliers["fp16"]
+        lines += [
+            "",
+            f"## fp16 on the outlier replica ({outliers['model']}), cosine to PyTorch fp32 on {fp16['device']}",
+            "",
+            "| encoder | head | min | mean | largest length error | gate (min, mean) |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        gate = f"{fp16['min_cosine_required']}, {fp16['mean_cosine_required']}"
+        for form, heads in (("fp16", fp16["heads"]), ("fp16 packed", fp16.get("packed", {}).get("heads", {}))):
+            for head, f in heads.items():
+                lines.append(
+                    f"| {form} | {head} | {f['min_cosine']:.7f} | {f['mean_cosine']:.7f} | "
+                    f"{f['max_norm_error']:.2e} | {gate} |"
+                )
+        for note in (fp16.get("note"), fp16.get("packed", {}).get("note")):
+            if note:
+                lines.append(f"\n{note}")
     bench = _bench(out)
     lines += ["", "## Targets", "", "| target | measured | verdict |", "|---|---|---|"]
     lines += [f"| {t} | {m} | {v} |" for t, m, v in targets(bench, facts["mode"].startswith("rehearsal"))]
+    per_size = ratios(bench)
+    if per_size:
+        lines += ["", f"{OURS} against {PEER}, same texts, same batch sizes:", ""]
+        lines += ["| workload | batch | ours texts/s | peer texts/s | ratio |", "|---|---:|---:|---:|---:|"]
+        lines += per_size
+    lines += _peer_facts(bench) and ["", *_peer_facts(bench)]
+    missing = not_reached(bench)
+    if missing:
+        lines += ["", "Not measured (the benchmark stopped before them): " + "; ".join(missing) + "."]
     if bench is not None:
         table = next(out.glob("bench-*.md"), None)
         lines += ["", "## Benchmark", "", table.read_text() if table else ""]

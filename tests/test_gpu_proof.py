@@ -104,9 +104,14 @@ def rehearsal(rehearsal_run: Watched) -> Path:
 
 
 @pytest.fixture(scope="module")
-def quick_rehearsal(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def quick_rehearsal_run(tmp_path_factory: pytest.TempPathFactory) -> Watched:
     out = tmp_path_factory.mktemp("proof-quick")
-    return _rehearse(out, tmp_path_factory.mktemp("proof-quick-work"), "--quick").out
+    return _rehearse(out, tmp_path_factory.mktemp("proof-quick-work"), "--quick")
+
+
+@pytest.fixture(scope="module")
+def quick_rehearsal(quick_rehearsal_run: Watched) -> Path:
+    return quick_rehearsal_run.out
 
 
 @pytest.mark.slow
@@ -675,3 +680,24 @@ def test_every_device_call_stays_under_the_tools_64_mib() -> None:
     tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
     tree = sum((ROOT / name).stat().st_size for name in tracked.decode().split("\0") if (ROOT / name).is_file())
     assert tree + gpu_stage.PART_BYTES + 2**20 <= 64 * 2**20 - 2 * 2**20, f"tree {tree / 2**20:.1f} MiB"
+
+
+@pytest.mark.slow
+def test_the_device_versions_export_what_this_environment_exports(
+    quick_rehearsal_run: Watched, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """The GPU image has transformers 5.17.0, sentence-transformers 6.0.1, tokenizers 0.23.2 and
+    onnx 1.23.1 (older than the set-up's): the quick rehearsal in an environment of those versions
+    (from PyPI, as the set-up installs) fuses the same nodes and passes its validation, so a
+    fusion difference would show here, not on the device."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("device_versions", ROOT / "tests" / "heldout" / "device_versions.py")
+    assert spec is not None and spec.loader is not None
+    device_versions = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(device_versions)
+    result = device_versions.check(tmp_path_factory.mktemp("device-versions"), quick_rehearsal_run.work / "export")
+    assert result["proof_exit"] == 0, result["steps"]
+    versions = result["export"]["versions"]
+    assert (versions["transformers"], versions["onnx"], versions["tokenizers"]) == ("5.17.0", "1.23.1", "0.23.2")
+    assert result["export"]["passed"] and result["same_nodes"], result

@@ -381,8 +381,6 @@ def die_with_parent() -> None:
         libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):  # not Linux: nothing to ask
         return
-    if os.getppid() == 1:  # the parent died before the request was made
-        os._exit(1)
 
 
 def main(argv: list[str]) -> int:

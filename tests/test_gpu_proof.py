@@ -149,6 +149,12 @@ def test_the_rehearsal_runs_every_step_and_returns_within_the_device_tools_limit
     assert steps["capture"]["cuda_graphs"]["status"] == "skipped: no GPU"
     assert steps["model"]["mask_copies_s"] >= 0, "the mask forms are copied in the model step, under its cap"
     assert steps["model"]["outlier_replica"] == "ready", "prepared beside the export"
+    outliers = steps["outliers"]["fp16"]  # measured whatever the gate says: both heads, and the packed encoder
+    assert set(outliers["heads"]) == {"anchor", "positive"} and outliers["packed"]["note"].startswith("not validated")
+    assert all(head["min_cosine"] > 0.999 for head in outliers["heads"].values()), "fp16 weights, fp32 arithmetic"
+    assert (
+        "## fp16 on the outlier replica (random-model --size tiny --outliers" in (rehearsal / "summary.md").read_text()
+    )
     fp16 = steps["model"]["validation"]["fp16"]
     assert fp16["merged"] and fp16["packed"] == "added by benchmarks.mask_exports; not validated at export"
     assert steps["profile"]["profile"]["per_call"] == "skipped: no GPU"
@@ -179,6 +185,19 @@ def test_the_rehearsal_measures_the_gpu_contenders_on_the_cpu(rehearsal: Path) -
             assert any(point and point["runs"] == 3 for point in row["throughput"].values()), "median of 3 runs"
     reference = results["sentence-transformers PyTorch fp32"]["workloads"]["titles"]
     assert all(point is None for point in reference["throughput"].values()), "the reference only gives vectors"
+    # The peer as it ran: half precision throughout, TF32 off for it and for the reference, and
+    # every batch size ours ran, on both workloads.
+    peer, off = (
+        results["sentence-transformers PyTorch fp16"],
+        {"cuda_matmul_allow_tf32": False, "cudnn_allow_tf32": False},
+    )
+    assert peer["dtype"] == "torch.float16" and set(peer["parameter_dtypes"]) == {"float16"}
+    for name in ("sentence-transformers PyTorch fp32", "sentence-transformers PyTorch fp16"):
+        assert results[name]["tf32"]["ran_with"] == {"float32_matmul_precision": "highest", **off}, name
+    for workload in ("titles", "skill_lists"):
+        ours = results["jobbert-onnx fp16"]["workloads"][workload]["throughput"]
+        theirs = peer["workloads"][workload]["throughput"]
+        assert [size for size, point in ours.items() if point] == [size for size, point in theirs.items() if point]
     summary = (rehearsal / "summary.md").read_text()
     assert "| titles >= 150,000 texts/s | not measured (rehearsal on the CPU) | - |" in summary
 

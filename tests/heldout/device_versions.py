@@ -28,6 +28,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from venvs import virtual_environment  # noqa: E402
+
 DEVICE_PACKAGES = (
     "transformers==5.17.0",
     "sentence-transformers==6.0.1",
@@ -41,19 +45,8 @@ OTHERS = ("numpy", "safetensors", "sympy", "packaging", "nvidia-ml-py", "psutil"
 
 def environment(work: Path) -> Path:
     """The device-versions environment (made once); its python."""
-    folder = work / "device-versions-venv"
-    python = folder / "bin" / "python"
-    if (folder / "ready").is_file():
-        return python
-    shutil.rmtree(folder, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    for packages in ([TORCH], [*DEVICE_PACKAGES, *OTHERS], ["--no-deps", "-e", str(ROOT)]):
-        done = subprocess.run([*pip, *packages], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"pip install {' '.join(packages)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    (folder / "ready").write_text("")
-    return python
+    installs = ([TORCH], [*DEVICE_PACKAGES, *OTHERS], ["--no-deps", "-e", str(ROOT)])
+    return virtual_environment(work / "device-versions-venv", installs)
 
 
 def fp16_facts(export: Path) -> dict[str, Any]:

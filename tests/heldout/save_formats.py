@@ -36,6 +36,7 @@ ROOT = TESTS.parent
 sys.path.insert(0, str(TESTS))
 
 from conftest import parity_texts  # noqa: E402
+from venvs import pip_install, virtual_environment  # noqa: E402
 
 from jobbert_onnx import Encoder  # noqa: E402
 from jobbert_onnx.export import export_model  # noqa: E402
@@ -74,19 +75,10 @@ def environment(work: Path, release: str, requirement: str) -> Path:
     """The release's virtual environment, with `requirement` (made once); its python."""
     short = requirement.replace("transformers", "tf").replace(">=", "ge").replace("<", "lt").replace("==", "")
     folder = work / ("st-" + re.sub(r"[^A-Za-z0-9.-]+", "", f"{release}-{short}".replace(".*", "")))
-    python = folder / "bin" / "python"
-    if (folder / "ready").is_file():
-        return python
-    shutil.rmtree(folder, ignore_errors=True)
-    subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
-    pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
     started = time.perf_counter()
-    for packages in ([TORCH], [f"sentence-transformers=={release}", *([requirement] if requirement else [])]):
-        done = subprocess.run([*pip, *packages], capture_output=True, text=True)
-        if done.returncode:
-            raise RuntimeError(f"pip install {' '.join(packages)} failed: {done.stderr.strip().splitlines()[-1:]}")
-    (folder / "ready").write_text("")
-    _log(f"  environment for {release} in {time.perf_counter() - started:.0f}s")
+    installs = ([TORCH], [f"sentence-transformers=={release}", *([requirement] if requirement else [])])
+    python = virtual_environment(folder, installs)
+    _log(f"  environment for {release}: {time.perf_counter() - started:.0f}s")
     return python
 
 
@@ -118,11 +110,8 @@ def with_exporter(python: Path) -> Path:
     kept), so an export runs under the transformers of that release's day."""
     marker = python.parents[1] / "exporter-ready"
     if not marker.is_file():
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
         for packages in (["onnx", "onnxruntime", "safetensors", "sympy", "packaging"], ["--no-deps", "-e", str(ROOT)]):
-            done = subprocess.run([*pip, *packages], capture_output=True, text=True)
-            if done.returncode:
-                raise RuntimeError(f"pip install {' '.join(packages)} failed: {done.stderr.strip().splitlines()[-1:]}")
+            pip_install(python, packages)
         marker.write_text("")
     return python
 

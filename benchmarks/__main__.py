@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", help="what --model's weights are, for the report (default: random, as the built model's are)"
     )
     args = parser.parse_args(argv)
+    if args.batches_per_point is not None and args.quality_texts is None:
+        # Every point must still encode the texts whose vectors are compared with the reference.
+        parser.error("--batches-per-point needs --quality-texts N (the texts compared, encoded at every point)")
     if args.quick:
         args.titles, args.skill_lists, args.latency_calls = 64, 16, 20
     batch_sizes = [int(b) for b in (args.batch_sizes or ("8,16" if args.quick else "32,256,1024")).split(",")]

@@ -720,3 +720,15 @@ def test_the_device_versions_export_what_this_environment_exports(
     versions = result["export"]["versions"]
     assert (versions["transformers"], versions["onnx"], versions["tokenizers"]) == ("5.17.0", "1.23.1", "0.23.2")
     assert result["export"]["passed"] and result["same_nodes"], result
+
+
+def test_small_batches_are_timed_on_fewer_texts_but_never_fewer_than_are_compared() -> None:
+    from benchmarks.__main__ import main
+    from benchmarks.worker import point_texts
+
+    texts = [f"t{i}" for i in range(5000)]
+    assert len(point_texts(texts, 32, 64, 1000)) == 2048
+    assert len(point_texts(texts, 8, 64, 1000)) == 1000, "the compared texts are always encoded"
+    assert len(point_texts(texts, 1024, 64, 1000)) == 5000 and point_texts(texts, 32, None, None) == texts
+    with pytest.raises(SystemExit):
+        main(["--batches-per-point", "8", "--tiny"])

@@ -194,7 +194,9 @@ def summary(facts: dict[str, Any], out: Path) -> str:
         lines += ["", f"{OURS} against {PEER}, same texts, same batch sizes:", ""]
         lines += ["| workload | batch | ours texts/s | peer texts/s | ratio |", "|---|---:|---:|---:|---:|"]
         lines += per_size
-    lines += _peer_facts(bench) and ["", *_peer_facts(bench)]
+    peers = _peer_facts(bench)
+    if peers:
+        lines += ["", *peers]
     missing = not_reached(bench)
     if missing:
         lines += ["", "Not measured (the benchmark stopped before them): " + "; ".join(missing) + "."]
